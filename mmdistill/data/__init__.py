@@ -1,0 +1,1 @@
+"""Data for distillation demos: procedural images with known content, and optional photographs."""
