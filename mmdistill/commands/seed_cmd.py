@@ -1,0 +1,88 @@
+"""``mmdistill seed``: teacher → seeded student checkpoint."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..errors import CheckpointError
+
+
+def seed_command(
+    teacher: str = typer.Option(
+        ..., "--teacher", "-t", help="Alias (hovle), model directory, .gguf file or hub id."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for the student checkpoint."),
+    attention_layers: str = typer.Option(
+        "none",
+        "--attention-layers",
+        "-a",
+        help="Layers that keep attention: none | all | every:K | comma list (indices over the whole decoder stack).",
+    ),
+    dtype: str = typer.Option("float32", help="Weights dtype: float32 | bfloat16 | float16."),
+    conv_kernel: int = typer.Option(2, help="Mixer causal conv width (mmMamba: 2)."),
+    gate_order: str = typer.Option(
+        "before_norm", help="before_norm (standard Mamba-2, exportable) or after_norm (mmMamba)."
+    ),
+    seed: int = typer.Option(0, help="RNG seed for the new SSM parameters."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
+) -> None:
+    """Build a Mamba-2 / hybrid student from a teacher's attention weights (mmMamba seeding)."""
+    from .. import load_teacher
+    from .. import seed as seed_fn
+    from ..cli import emit_json, err
+    from ..seeding import count_parameters
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"{out} exists and is not empty (use --force to overwrite)")
+    start = time.perf_counter()
+    with err.status(f"loading teacher {teacher}"):
+        model = load_teacher(teacher, dtype=dtype)
+    with err.status("seeding mixers"):
+        student = seed_fn(
+            model,
+            attention_layers=attention_layers,
+            seed=seed,
+            mixer={"conv_kernel": conv_kernel, "gate_order": gate_order},
+        )
+    with err.status(f"writing {out}"):
+        student.save_pretrained(out, overwrite=force)
+    seconds = time.perf_counter() - start
+    kept = [i for i, t in enumerate(student.config.layer_types) if t == "attention"]
+    converted = student.mixer_layers()
+    params = count_parameters(student)
+    report = {
+        "student_dir": str(out),
+        "teacher": teacher,
+        "adapter": student.config.teacher.get("adapter"),
+        "layers": student.config.num_layers,
+        "converted_layers": converted,
+        "attention_layers": kept,
+        "parameters": params,
+        "seconds": round(seconds, 3),
+    }
+    table = Table(title="seeded student", show_header=False)
+    table.add_row("teacher", f"{teacher} ({report['adapter']})")
+    table.add_row(
+        "layers",
+        f"{len(converted)} converted to Mamba-2, {len(kept)} attention kept {kept if len(kept) < 17 else ''}",
+    )
+    table.add_row(
+        "parameters",
+        f"{params['total']:,} total: {params['inherited']:,} inherited, {params['new']:,} new",
+    )
+    table.add_row("written", str(out))
+    table.add_row("time", f"{seconds:.1f} s")
+    err.print(table)
+    if as_json:
+        emit_json(report)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("seed")(seed_command)

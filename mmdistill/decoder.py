@@ -1,0 +1,313 @@
+"""Canonical decoder pieces shared by every teacher and student: RMSNorm, RoPE, GQA attention
+with a KV cache, SwiGLU MLP and the pre-norm decoder layer whose token mixer is either attention
+or a :class:`~mmdistill.mixer.Mamba2Mixer`.
+
+Teacher adapters translate Llama/Mistral/Qwen2/InternLM2/HoVLE checkpoints into these modules, so
+a teacher and its student run the same code except for the mixers that seeding replaces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mixer import Mamba2Mixer, MixerConfig, MixerState
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+@dataclass
+class StackConfig:
+    """One homogeneous run of decoder layers (a plain LM has one; HoVLE has two).
+
+    Attributes:
+        name: label, e.g. ``"llm"`` or ``"embedding"``.
+        num_layers, num_heads, num_kv_heads, head_dim, intermediate_size: sizes.
+        rms_norm_eps: epsilon of every RMSNorm in the stack.
+        rope_theta: RoPE base; ``rope_scaling`` an HF-style dict (``rope_type`` in
+            :data:`ROPE_TYPES`) or ``None``.
+        qkv_bias, o_bias, mlp_bias: which projections have biases.
+        hidden_act: MLP activation (key of :data:`ACTIVATIONS`).
+        sliding_window: attention window in tokens, or ``None``.
+        max_position_embeddings: the teacher's trained context (used by dynamic RoPE scaling).
+    """
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    max_position_embeddings: int = 4096
+    name: str = "llm"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be a positive integer; got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported ({list(ACTIVATIONS)})"
+            )
+        rope_type = (self.rope_scaling or {}).get(
+            "rope_type", (self.rope_scaling or {}).get("type", "default")
+        )
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported ({ROPE_TYPES})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StackConfig:
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown stack config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the weight (Llama/InternLM2 order)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half convention) with HF's scaling variants."""
+
+    def __init__(self, config: StackConfig):
+        super().__init__()
+        self.config = config
+        scaling = dict(config.rope_scaling or {})
+        self.rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        self.scaling = scaling
+        self.register_buffer("inv_freq", self._inv_freq(config.rope_theta), persistent=False)
+
+    def _inv_freq(self, base: float) -> torch.Tensor:
+        d = self.config.head_dim
+        inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        if self.rope_type == "llama3":
+            s = self.scaling
+            factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+            old_ctx = s["original_max_position_embeddings"]
+            wavelen = 2 * math.pi / inv
+            low_wl, high_wl = old_ctx / low, old_ctx / high
+            scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+            inv = torch.where(medium, smoothed, scaled)
+        return inv
+
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions`` ``[b, l]`` -> cos, sin ``[b, l, head_dim]``."""
+        inv = self.inv_freq.to(positions.device)
+        pos = positions.float()
+        if self.rope_type == "linear":
+            pos = pos / self.scaling["factor"]
+        elif self.rope_type == "dynamic":
+            seq_len = int(positions.max()) + 1
+            max_pos = self.config.max_position_embeddings
+            if seq_len > max_pos:
+                factor = self.scaling["factor"]
+                d = self.config.head_dim
+                base = self.config.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (
+                    d / (d - 2)
+                )
+                inv = self._inv_freq(base).to(positions.device)
+        freqs = pos[..., None] * inv
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[b, heads, l, d]``; cos/sin ``[b, l, d]``."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+@dataclass
+class KVState:
+    """Growing KV cache of one attention layer: ``k``, ``v`` ``[b, kv_heads, t, head_dim]``."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat([self.k, k], dim=2)
+            self.v = torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def select(self, index: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+
+@dataclass
+class AttnContext:
+    """Per-forward inputs shared by the layers of one stack."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    attn_mask: torch.Tensor | None  # bool [b, 1, q, kv] (True = attend) or None
+    is_causal: bool
+    token_mask: torch.Tensor | None  # [b, q] real-token mask for the mixers, or None
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query causal self-attention with RoPE (PyTorch SDPA)."""
+
+    def __init__(self, hidden_size: int, config: StackConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(
+            hidden_size, config.num_heads * config.head_dim, bias=config.qkv_bias
+        )
+        self.k_proj = nn.Linear(
+            hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias
+        )
+        self.v_proj = nn.Linear(
+            hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias
+        )
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, hidden_size, bias=config.o_bias)
+
+    def forward(
+        self, x: torch.Tensor, ctx: AttnContext, state: KVState | None = None
+    ) -> torch.Tensor:
+        """``x`` ``[b, l, hidden]`` -> ``[b, l, hidden]``; appends to ``state`` when given."""
+        b, l, _ = x.shape
+        q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, ctx.cos, ctx.sin)
+        k = apply_rope(k, ctx.cos, ctx.sin)
+        if state is not None:
+            k, v = state.update(k, v)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=ctx.attn_mask,
+            is_causal=ctx.is_causal and ctx.attn_mask is None,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, config: StackConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, hidden_size, bias=config.mlp_bias)
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block; ``mixer`` is :class:`Attention` or :class:`Mamba2Mixer`."""
+
+    def __init__(
+        self, hidden_size: int, config: StackConfig, mixer_config: MixerConfig | None = None
+    ):
+        super().__init__()
+        self.input_norm = RMSNorm(hidden_size, config.rms_norm_eps)
+        self.mixer = (
+            Mamba2Mixer(mixer_config)
+            if mixer_config is not None
+            else Attention(hidden_size, config)
+        )
+        self.post_norm = RMSNorm(hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(hidden_size, config)
+
+    @property
+    def is_attention(self) -> bool:
+        return isinstance(self.mixer, Attention)
+
+    def run_mixer(self, normed: torch.Tensor, ctx: AttnContext, state) -> torch.Tensor:
+        if self.is_attention:
+            return self.mixer(normed, ctx, state)
+        return self.mixer(normed, state=state, mask=ctx.token_mask)
+
+    def forward(
+        self, x: torch.Tensor, ctx: AttnContext, state=None, capture: list | None = None
+    ) -> torch.Tensor:
+        """``x`` ``[b, l, hidden]``. With ``capture``, appends ``(mixer input, mixer output)``."""
+        normed = self.input_norm(x)
+        mixed = self.run_mixer(normed, ctx, state)
+        if capture is not None:
+            capture.append((normed, mixed))
+        x = x + mixed
+        return x + self.mlp(self.post_norm(x))
+
+
+def mixer_config_for(hidden_size: int, stack: StackConfig, options: dict | None) -> MixerConfig:
+    """The mixer that replaces one attention module of ``stack`` (sizes from the teacher)."""
+    options = dict(options or {})
+    for fixed in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"):
+        if fixed in options:
+            raise ValueError(f"mixer.{fixed} comes from the teacher and cannot be set")
+    return MixerConfig(
+        hidden_size=hidden_size,
+        num_heads=stack.num_heads,
+        num_kv_heads=stack.num_kv_heads,
+        head_dim=stack.head_dim,
+        qkv_bias=stack.qkv_bias,
+        out_bias=stack.o_bias,
+        norm_eps=options.pop("norm_eps", stack.rms_norm_eps),
+        **options,
+    )
+
+
+def new_layer_state(layer: DecoderLayer, batch: int, device, dtype):
+    """An empty cache entry for ``layer``."""
+    if layer.is_attention:
+        return KVState()
+    return MixerState.zeros(layer.mixer.config, batch, device, dtype)

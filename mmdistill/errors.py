@@ -1,0 +1,32 @@
+"""User-facing errors. The CLI prints these as one clear message (no traceback) and exits with
+the code given here; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class MmdistillError(Exception):
+    """Base class for mistakes a user can fix (bad input, missing files, unsupported models)."""
+
+    exit_code = 2
+
+
+class TeacherError(MmdistillError):
+    """The teacher cannot be found, read or converted."""
+
+
+class CheckpointError(MmdistillError):
+    """A checkpoint is missing, partial or unreadable."""
+
+
+class RecipeError(MmdistillError):
+    """A recipe is malformed; the message names the offending key."""
+
+
+class DataError(MmdistillError):
+    """Training or evaluation data is missing or malformed."""
+
+
+class TrainingError(MmdistillError):
+    """Training stopped (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+    exit_code = 3

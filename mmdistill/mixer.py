@@ -1,0 +1,327 @@
+"""The seeded Mamba-2 mixer: the module that replaces one attention module (GUIDE §1).
+
+Layout, per token (``h`` heads, ``g`` KV heads, head dim ``p``, state size ``n``)::
+
+    z  = W_z  u   [h*p]   output gate (new)
+    x  = W_x  u   [g*p]   from W_V, shared by the GQA group
+    B  = W_B  u   [g*n]   from W_K, shared by the GQA group
+    C  = W_C  u   [h*n]   from W_Q, one per query head
+    dt = W_dt u   [h]     step size (new, zero-initialised)
+    [x, B, C] <- SiLU(causal depthwise conv([x, B, C]))
+    y  = SSD(x (repeated over the group), dt, A, B, C) (+ D x)
+    y  = gated per-head RMSNorm(y, z); out = W_O y
+
+Because the conv is depthwise, repeating x/B channels per group gives exactly a standard
+Mamba-2 mixer (``in_proj = [z | x | B | C | dt]``), which is how students export.
+
+The mixer takes an optional :class:`MixerState` (conv window + SSM state) that it advances in
+place, for chunked prefill and one- or few-token decode, and a padding mask so left-padded
+batches give the same outputs on their real tokens as unpadded rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import BACKENDS, check_backend, ssd, ssd_step
+
+GATE_ORDERS = ("before_norm", "after_norm")
+
+# Parameter-name prefix -> role, for the trainer's parameter groups.
+INHERITED_ROLES = {"c_proj": "qkv", "b_proj": "qkv", "x_proj": "qkv", "out_proj": "out_proj"}
+
+
+@dataclass
+class MixerConfig:
+    """Sizes and options of one :class:`Mamba2Mixer`; serialised into student configs.
+
+    Attributes:
+        hidden_size: model width.
+        num_heads: SSM heads (= the teacher's query heads).
+        num_kv_heads: groups sharing x and B (= the teacher's KV heads).
+        head_dim: ``p``, channels per head of x (= teacher head_dim).
+        d_state: ``n``, state size per head (= teacher head_dim when seeded).
+        conv_kernel: causal depthwise conv width (mmMamba: 2).
+        gate_order: ``before_norm`` (standard Mamba-2, exportable) or ``after_norm`` (mmMamba).
+        use_D: add a ``D * x`` skip (zero-initialised).
+        qkv_bias: biases on the C/B/x projections (Qwen2-style teachers).
+        out_bias: bias on out_proj.
+        norm_eps: epsilon of the gated RMSNorm.
+        chunk_size: SSD chunk length.
+        backend: SSD implementation, see :data:`mmdistill.kernels.BACKENDS`.
+        dt_min, dt_max: range of the log-uniform initial step size.
+        A_log_init: initial ``A_log`` (A = -exp(A_log)).
+    """
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_state: int | None = None
+    conv_kernel: int = 2
+    gate_order: str = "before_norm"
+    use_D: bool = False
+    qkv_bias: bool = False
+    out_bias: bool = False
+    norm_eps: float = 1e-5
+    chunk_size: int = 64
+    backend: str = "auto"
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    A_log_init: float = 1.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.d_state is None:
+            self.d_state = self.head_dim
+        for name in (
+            "hidden_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "d_state",
+            "conv_kernel",
+            "chunk_size",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be divisible by num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        if self.gate_order not in GATE_ORDERS:
+            raise ValueError(f"gate_order must be one of {GATE_ORDERS}; got {self.gate_order!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max; got {self.dt_min}, {self.dt_max}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive; got {self.norm_eps}")
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the conv over [x, B, C] (computed, never assumed to be 2·hidden)."""
+        return self.num_kv_heads * (self.head_dim + self.d_state) + self.num_heads * self.d_state
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MixerConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown mixer config keys: {', '.join(unknown)}")
+        return cls(**known)
+
+
+@dataclass
+class MixerState:
+    """Recurrent cache of one mixer.
+
+    Attributes:
+        conv: ``[b, conv_dim, conv_kernel - 1]`` last conv inputs (pre-activation).
+        ssm: ``[b, h, p, n]`` float32 SSM state.
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+    @classmethod
+    def zeros(cls, config: MixerConfig, batch: int, device, dtype) -> MixerState:
+        return cls(
+            conv=torch.zeros(
+                batch, config.conv_dim, config.conv_kernel - 1, device=device, dtype=dtype
+            ),
+            ssm=torch.zeros(
+                batch,
+                config.num_heads,
+                config.head_dim,
+                config.d_state,
+                device=device,
+                dtype=torch.float32,
+            ),
+        )
+
+    def select(self, index: torch.Tensor) -> None:
+        """Reorder/select batch rows in place (beam search, dropping finished rows)."""
+        self.conv = self.conv.index_select(0, index)
+        self.ssm = self.ssm.index_select(0, index)
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """Upcast half precision to float32; float64 stays float64 (reference tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+class Mamba2Mixer(nn.Module):
+    """A Mamba-2 mixer with attention-shaped projections (see module docstring)."""
+
+    def __init__(self, config: MixerConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        h, g, p, n = c.num_heads, c.num_kv_heads, c.head_dim, c.d_state
+        self.c_proj = nn.Linear(c.hidden_size, h * n, bias=c.qkv_bias)
+        self.b_proj = nn.Linear(c.hidden_size, g * n, bias=c.qkv_bias)
+        self.x_proj = nn.Linear(c.hidden_size, g * p, bias=c.qkv_bias)
+        self.z_proj = nn.Linear(c.hidden_size, h * p, bias=False)
+        self.dt_proj = nn.Linear(c.hidden_size, h, bias=False)
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, c.conv_kernel, groups=c.conv_dim, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(h))
+        self.A_log = nn.Parameter(torch.empty(h))
+        self.D = nn.Parameter(torch.zeros(h)) if c.use_D else None
+        self.norm_weight = nn.Parameter(torch.ones(h * p))
+        self.out_proj = nn.Linear(h * p, c.hidden_size, bias=c.out_bias)
+        self.reset_new_parameters()
+
+    @torch.no_grad()
+    def reset_new_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Initialise the parameters attention does not have, as mmMamba does (GUIDE §1)."""
+        c = self.config
+        self.conv1d.weight.zero_()
+        self.conv1d.weight[:, 0, -1] = 1.0  # identity: the conv passes its input through
+        self.conv1d.bias.zero_()
+        self.dt_proj.weight.zero_()
+        u = torch.rand(c.num_heads, generator=generator)
+        dt = torch.exp(u * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        self.dt_bias.copy_(inverse_softplus(dt.clamp(min=1e-4)))
+        self.A_log.fill_(c.A_log_init)
+        if self.D is not None:
+            self.D.zero_()
+        nn.init.xavier_uniform_(self.z_proj.weight, gain=2**-2.5, generator=generator)
+        self.norm_weight.fill_(1.0)
+
+    def _in_proj(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One GEMM for all five projections (weights concatenated on the fly)."""
+        mods = (self.z_proj, self.x_proj, self.b_proj, self.c_proj, self.dt_proj)
+        weight = torch.cat([m.weight for m in mods])
+        bias = None
+        if self.config.qkv_bias:
+            bias = torch.cat(
+                [
+                    weight.new_zeros(self.z_proj.out_features),
+                    self.x_proj.bias,
+                    self.b_proj.bias,
+                    self.c_proj.bias,
+                    weight.new_zeros(self.dt_proj.out_features),
+                ]
+            )
+        out = F.linear(u, weight, bias)
+        return out.split([m.out_features for m in mods], dim=-1)
+
+    def _conv(self, xbc: torch.Tensor, state: MixerState | None) -> torch.Tensor:
+        """Causal depthwise conv + SiLU over ``xbc`` ``[b, l, conv_dim]``; advances ``state``."""
+        k = self.config.conv_kernel
+        seq = xbc.transpose(1, 2)  # [b, c, l]
+        if state is not None:
+            seq = torch.cat([state.conv.to(seq.dtype), seq], dim=-1)
+            if k > 1:
+                state.conv = seq[..., -(k - 1) :].detach().clone()
+        else:
+            seq = F.pad(seq, (k - 1, 0))
+        out = F.conv1d(seq, self.conv1d.weight, self.conv1d.bias, groups=self.config.conv_dim)
+        return F.silu(out).transpose(1, 2)
+
+    def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Per-head RMSNorm with the SiLU gate before (standard) or after (mmMamba) the norm."""
+        c = self.config
+        shape = y.shape
+        yf = at_least_fp32(y)
+        gate = F.silu(at_least_fp32(z))
+        if c.gate_order == "before_norm":
+            yf = yf * gate
+        yf = yf.view(*shape[:-1], c.num_heads, c.head_dim)
+        yf = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + c.norm_eps)
+        yf = yf.view(shape) * at_least_fp32(self.norm_weight)
+        if c.gate_order == "after_norm":
+            yf = yf * gate
+        return yf.to(y.dtype)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        state: MixerState | None = None,
+        mask: torch.Tensor | None = None,
+        backend: str | None = None,
+    ) -> torch.Tensor:
+        """Mix a sequence.
+
+        Args:
+            hidden_states: ``[b, l, hidden]``.
+            state: recurrent cache to start from and advance in place, or ``None`` (zeros,
+                nothing kept).
+            mask: ``[b, l]`` with 1 for real tokens and 0 for padding, or ``None``. Padding adds
+                nothing to the state and does not decay it.
+            backend: overrides ``config.backend`` for this call.
+
+        Returns:
+            ``[b, l, hidden]``.
+        """
+        c = self.config
+        backend = check_backend(backend or c.backend)
+        b, l, _ = hidden_states.shape
+        h, g, p, n = c.num_heads, c.num_kv_heads, c.head_dim, c.d_state
+        z, x, B, C, dt = self._in_proj(hidden_states)
+        xbc = torch.cat([x, B, C], dim=-1)
+        keep = None
+        if mask is not None:
+            keep = mask.to(xbc.dtype)[..., None]
+            xbc = xbc * keep
+        xbc = self._conv(xbc, state)
+        if keep is not None:
+            xbc = xbc * keep
+        x, B, C = xbc.split([g * p, g * n, h * n], dim=-1)
+        # softplus is applied here rather than in the kernel so that padding can set dt to 0.
+        dt = F.softplus(at_least_fp32(dt) + at_least_fp32(self.dt_bias))
+        if mask is not None:
+            dt = dt * mask.to(dt.dtype)[..., None]
+        A = -torch.exp(at_least_fp32(self.A_log))
+        x = x.view(b, l, g, p).repeat_interleave(h // g, dim=2)
+        B = B.view(b, l, g, n)
+        C = C.view(b, l, h, n)
+        D = self.D
+        if state is not None and l == 1:
+            y = ssd_step(
+                state.ssm,
+                x[:, 0],
+                dt[:, 0],
+                A,
+                B[:, 0],
+                C[:, 0],
+                D=D,
+                dt_softplus=False,
+                backend=backend,
+            )[:, None]
+        elif state is not None:
+            y, final = ssd(
+                x,
+                dt,
+                A,
+                B,
+                C,
+                D=D,
+                dt_softplus=False,
+                initial_state=state.ssm,
+                return_final_state=True,
+                chunk_size=c.chunk_size,
+                backend=backend,
+            )
+            state.ssm = final.detach()
+        else:
+            y = ssd(
+                x, dt, A, B, C, D=D, dt_softplus=False, chunk_size=c.chunk_size, backend=backend
+            )
+        y = self._gated_norm(y.reshape(b, l, h * p), z)
+        return self.out_proj(y)

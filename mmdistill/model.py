@@ -1,0 +1,371 @@
+"""The decoder language model every teacher and student is expressed as.
+
+``DecoderLM`` = a front-end (token embeddings, or HoVLE's holistic embedding with images) → one
+flat list of decoder layers (possibly from several stacks, e.g. HoVLE's 8 embedding-module layers
+then its 24 LLM layers; layer indices always count this flat list) → final RMSNorm → LM head.
+Each layer's token mixer is attention or a Mamba-2 mixer, per ``config.layer_types``, so the
+config alone describes a hybrid student.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .decoder import (
+    AttnContext,
+    DecoderLayer,
+    RMSNorm,
+    Rotary,
+    StackConfig,
+    mixer_config_for,
+    new_layer_state,
+)
+
+LAYER_TYPES = ("attention", "mamba")
+FRONT_ENDS: dict[str, Callable[[LMConfig], nn.Module]] = {}
+
+
+def register_front_end(name: str):
+    """Class decorator registering a front-end module under ``config.front_end["type"]``."""
+
+    def wrap(cls):
+        FRONT_ENDS[name] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass
+class LMConfig:
+    """Everything needed to rebuild a teacher or student without its source checkpoint.
+
+    Attributes:
+        vocab_size: rows of the LM head.
+        hidden_size: model width (shared by every stack).
+        stacks: the decoder stacks in order.
+        layer_types: ``"attention"`` or ``"mamba"`` for each layer of the flat list.
+        mixer: options for the Mamba-2 mixers (``conv_kernel``, ``gate_order``, ...).
+        front_end: ``{"type": "text"}`` or a registered multimodal front-end with its settings.
+        final_norm_eps: epsilon of the final RMSNorm.
+        tie_word_embeddings: LM head shares the token-embedding matrix.
+        bos_token_id, eos_token_id, pad_token_id: special ids (eos may be a list).
+        chat_template: Jinja or named template for chat prompts, if the teacher has one.
+        teacher: provenance (source, architecture, weight hashes, the teacher's own config).
+        version: the mmdistill version that wrote the config.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    stacks: list[StackConfig]
+    layer_types: list[str] | None = None
+    mixer: dict = field(default_factory=dict)
+    front_end: dict = field(default_factory=lambda: {"type": "text"})
+    final_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    chat_template: str | None = None
+    teacher: dict = field(default_factory=dict)
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        self.stacks = [
+            s if isinstance(s, StackConfig) else StackConfig.from_dict(s) for s in self.stacks
+        ]
+        if not self.stacks:
+            raise ValueError("a model needs at least one decoder stack")
+        if self.layer_types is None:
+            self.layer_types = ["attention"] * self.num_layers
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
+            )
+        bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
+        if bad:
+            raise ValueError(f"layer_types must be in {LAYER_TYPES}; got {bad}")
+        if "type" not in self.front_end:
+            raise ValueError("front_end needs a 'type'")
+
+    @property
+    def num_layers(self) -> int:
+        return sum(s.num_layers for s in self.stacks)
+
+    def stack_of_layer(self) -> list[int]:
+        """Index of the stack each flat layer belongs to."""
+        return [i for i, s in enumerate(self.stacks) for _ in range(s.num_layers)]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["stacks"] = [s.to_dict() for s in self.stacks]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LMConfig:
+        data = {k: v for k, v in data.items() if k not in ("model_type", "architectures")}
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+@register_front_end("text")
+class TextFrontEnd(nn.Module):
+    """Token embeddings only."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+
+    def forward(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if pixel_values is not None:
+            raise ValueError("this model has a text-only front-end; it cannot take pixel_values")
+        return self.embed_tokens(input_ids)
+
+    def token_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+
+class LMCache:
+    """Per-layer recurrent/KV state plus the token bookkeeping needed to continue a sequence.
+
+    Attributes:
+        layers: one :class:`~mmdistill.decoder.KVState` or
+            :class:`~mmdistill.mixer.MixerState` per layer.
+        key_mask: ``[b, t]`` real-token mask of everything seen so far (``None`` = no padding).
+        next_pos: ``[b]`` RoPE position of the next token of each row.
+        seen: tokens consumed so far (padding included).
+    """
+
+    def __init__(self, model: DecoderLM, batch: int, device, dtype):
+        self.layers = [new_layer_state(layer, batch, device, dtype) for layer in model.layers]
+        self.key_mask: torch.Tensor | None = None
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.seen = 0
+
+    def select(self, index: torch.Tensor) -> None:
+        for state in self.layers:
+            state.select(index)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+
+
+@dataclass
+class LMOutput:
+    """Forward result. ``captures[i]`` is layer i's (mixer input, mixer output) when asked."""
+
+    logits: torch.Tensor | None
+    cache: LMCache | None = None
+    hidden_states: list[torch.Tensor] | None = None
+    captures: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+def _front_end_class(kind: str):
+    if kind not in FRONT_ENDS:
+        importlib.import_module("mmdistill.teachers")  # registers multimodal front-ends
+    if kind not in FRONT_ENDS:
+        raise ValueError(f"unknown front_end type {kind!r}; known: {sorted(FRONT_ENDS)}")
+    return FRONT_ENDS[kind]
+
+
+def build_attention_mask(
+    q_len: int,
+    key_mask: torch.Tensor | None,
+    kv_len: int,
+    sliding_window: int | None,
+    device,
+) -> tuple[torch.Tensor | None, bool]:
+    """Boolean ``[b|1, 1, q, kv]`` mask (True = attend) or ``(None, is_causal)``.
+
+    Queries are the last ``q_len`` of ``kv_len`` positions. Padding queries may attend to
+    themselves so no softmax row is empty (their outputs are never used).
+    """
+    if key_mask is None and sliding_window is None:
+        if kv_len == q_len:
+            return None, True
+        if q_len == 1:
+            return None, False
+    q_idx = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_idx = torch.arange(kv_len, device=device)[None, :]
+    allowed = k_idx <= q_idx
+    if sliding_window is not None:
+        allowed = allowed & (q_idx - k_idx < sliding_window)
+    allowed = allowed[None, None]
+    if key_mask is not None:
+        allowed = allowed & key_mask.bool()[:, None, None, :]
+        allowed = allowed | (q_idx == k_idx)[None, None]
+    return allowed, False
+
+
+class DecoderLM(nn.Module):
+    """Front-end → decoder layers (attention or Mamba-2) → norm → LM head."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.front = _front_end_class(config.front_end["type"])(config)
+        stack_ids = config.stack_of_layer()
+        layers = []
+        for i, kind in enumerate(config.layer_types):
+            stack = config.stacks[stack_ids[i]]
+            mixer_cfg = (
+                mixer_config_for(config.hidden_size, stack, config.mixer)
+                if kind == "mamba"
+                else None
+            )
+            layers.append(DecoderLayer(config.hidden_size, stack, mixer_cfg))
+        self.layers = nn.ModuleList(layers)
+        self.rotary = nn.ModuleList(Rotary(s) for s in config.stacks)
+        self.norm = RMSNorm(config.hidden_size, config.final_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.front.token_embeddings().weight
+        self.gradient_checkpointing = False
+        self._stack_ids = stack_ids
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def new_cache(self, batch: int) -> LMCache:
+        return LMCache(self, batch, self.device, self.dtype)
+
+    def save_pretrained(self, directory, **kwargs):
+        """See :func:`mmdistill.checkpoint.save_pretrained`."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """See :func:`mmdistill.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+    def mixer_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.config.layer_types) if t == "mamba"]
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.front(input_ids, pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: LMCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        capture_mixers: bool = False,
+        layer_range: tuple[int, int] | None = None,
+        compute_logits: bool = True,
+        logits_slice: slice | None = None,
+    ) -> LMOutput:
+        """Run the model.
+
+        Args:
+            input_ids: ``[b, l]`` token ids (or give ``inputs_embeds`` ``[b, l, hidden]``).
+            pixel_values: ``[n, 3, H, W]`` image tiles for a multimodal front-end.
+            attention_mask: ``[b, l]`` 1 = real token, 0 = padding (left padding for generation).
+            cache: continue from and update this cache (prefill chunks, decode steps).
+            output_hidden_states: return the residual stream entering each layer, then the final
+                (pre-norm) state.
+            capture_mixers: return each layer's (mixer input, mixer output).
+            layer_range: run only layers ``[start, stop)`` (stages 1-2 stop early).
+            compute_logits: skip the LM head when False.
+            logits_slice: apply the LM head to ``hidden[:, logits_slice]`` only (e.g. the last
+                token during generation).
+
+        Returns:
+            :class:`LMOutput`.
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("give input_ids or inputs_embeds")
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        x = inputs_embeds
+        b, l, _ = x.shape
+        if (
+            attention_mask is not None
+            and bool(attention_mask.all())
+            and (cache is None or cache.key_mask is None)
+        ):
+            attention_mask = None  # all real tokens: keep the fast causal path
+        past = cache.seen if cache is not None else 0
+        base = (
+            cache.next_pos[:, None]
+            if cache is not None
+            else torch.zeros(b, 1, dtype=torch.long, device=x.device)
+        )
+        if attention_mask is not None:
+            positions = base + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            positions = base + torch.arange(l, device=x.device)[None]
+        key_mask = None
+        if attention_mask is not None or (cache is not None and cache.key_mask is not None):
+            new = (
+                attention_mask if attention_mask is not None else x.new_ones(b, l, dtype=torch.long)
+            )
+            old = (
+                cache.key_mask
+                if cache is not None and cache.key_mask is not None
+                else x.new_ones(b, past, dtype=torch.long)
+            )
+            key_mask = torch.cat([old.to(new.dtype), new], dim=1)
+        ctxs = []
+        for stack, rotary in zip(self.config.stacks, self.rotary, strict=True):
+            cos, sin = rotary(positions, x.dtype)
+            mask, causal = build_attention_mask(
+                l, key_mask, past + l, stack.sliding_window, x.device
+            )
+            ctxs.append(AttnContext(cos, sin, mask, causal, attention_mask))
+
+        start, stop = layer_range or (0, len(self.layers))
+        hidden_states = [] if output_hidden_states else None
+        captures = [] if capture_mixers else None
+        for i in range(start, stop):
+            layer = self.layers[i]
+            if hidden_states is not None:
+                hidden_states.append(x)
+            ctx = ctxs[self._stack_ids[i]]
+            state = cache.layers[i] if cache is not None else None
+            if self.gradient_checkpointing and self.training and cache is None and captures is None:
+                x = checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx, state, captures)
+        if cache is not None:
+            cache.key_mask = key_mask
+            cache.seen = past + l
+            step = attention_mask.long().sum(-1) if attention_mask is not None else l
+            cache.next_pos = cache.next_pos + step
+        if hidden_states is not None:
+            hidden_states.append(x)
+        logits = None
+        last = None
+        if stop == len(self.layers):
+            last = self.norm(x)
+            if compute_logits:
+                logits = self.lm_head(last if logits_slice is None else last[:, logits_slice])
+        return LMOutput(
+            logits=logits,
+            cache=cache,
+            hidden_states=hidden_states,
+            captures=captures,
+            last_hidden_state=last,
+        )

@@ -1,0 +1,16 @@
+"""Teacher adapters and loading. Importing this package registers every built-in adapter."""
+
+from . import hf  # noqa: F401 - registers the Hugging Face adapters
+from .base import ADAPTERS, Rule, TeacherAdapter, apply_rules, find_adapter, register_adapter
+from .loading import load_teacher, resolve_source
+
+__all__ = [
+    "ADAPTERS",
+    "Rule",
+    "TeacherAdapter",
+    "apply_rules",
+    "find_adapter",
+    "load_teacher",
+    "register_adapter",
+    "resolve_source",
+]

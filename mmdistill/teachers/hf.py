@@ -1,0 +1,202 @@
+"""Adapters for Hugging Face decoder-only LMs: Llama (incl. SmolLM2), Mistral, Qwen2, and
+InternLM2 (fused ``wqkv`` grouped per KV head, GUIDE §2). All read ``config.json`` as a plain
+dict, so remote-code models need no ``trust_remote_code``."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..decoder import StackConfig
+from ..errors import TeacherError
+from ..model import LMConfig
+from .base import Rule, TeacherAdapter, register_adapter
+
+
+def rope_settings(cfg: dict) -> tuple[float, dict | None]:
+    """``(rope_theta, rope_scaling)`` from transformers 4.x (``rope_theta``/``rope_scaling``) or
+    5.x (``rope_parameters``) style configs."""
+    params = cfg.get("rope_parameters") or {}
+    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        scaling = None
+    return float(theta), scaling
+
+
+def stack_from_hf(cfg: dict, name: str = "llm", **overrides) -> StackConfig:
+    """A :class:`StackConfig` from the common HF field names."""
+    try:
+        heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        theta, scaling = rope_settings(cfg)
+        values = dict(
+            name=name,
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            intermediate_size=cfg["intermediate_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            qkv_bias=bool(cfg.get("attention_bias", False)),
+            o_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            hidden_act=cfg.get("hidden_act", "silu"),
+            sliding_window=None,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        )
+    except KeyError as exc:
+        raise TeacherError(f"config.json lacks {exc.args[0]!r}") from exc
+    values.update(overrides)
+    try:
+        return StackConfig(**values)
+    except ValueError as exc:
+        raise TeacherError(f"unsupported teacher config: {exc}") from exc
+
+
+def lm_from_hf(cfg: dict, stack: StackConfig, **overrides) -> LMConfig:
+    values = dict(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        stacks=[stack],
+        final_norm_eps=stack.rms_norm_eps,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=cfg.get("eos_token_id"),
+        pad_token_id=cfg.get("pad_token_id"),
+    )
+    values.update(overrides)
+    return LMConfig(**values)
+
+
+LAYER = r"model\.layers\.(\d+)\."
+LLAMA_RULES = [
+    Rule(r"model\.embed_tokens\.weight", "front.embed_tokens.weight"),
+    Rule(LAYER + r"self_attn\.([qkvo])_proj\.(weight|bias)", "layers.{0}.mixer.{1}_proj.{2}"),
+    Rule(LAYER + r"mlp\.(gate|up|down)_proj\.(weight|bias)", "layers.{0}.mlp.{1}_proj.{2}"),
+    Rule(LAYER + r"input_layernorm\.weight", "layers.{0}.input_norm.weight"),
+    Rule(LAYER + r"post_attention_layernorm\.weight", "layers.{0}.post_norm.weight"),
+    Rule(LAYER + r"self_attn\.rotary_emb\.inv_freq", None),
+    Rule(r"model\.norm\.weight", "norm.weight"),
+    Rule(r"lm_head\.weight", "lm_head.weight"),
+]
+
+
+class LlamaAdapter(TeacherAdapter):
+    name = "llama"
+    architectures = ("LlamaForCausalLM",)
+    description = "Llama-family decoder (SmolLM2, Llama 2/3, TinyLlama, ...)"
+
+    def lm_config(self, hf_config: dict) -> LMConfig:
+        return lm_from_hf(hf_config, stack_from_hf(hf_config))
+
+    def rules(self, hf_config: dict) -> list[Rule]:
+        return LLAMA_RULES
+
+
+class MistralAdapter(LlamaAdapter):
+    name = "mistral"
+    architectures = ("MistralForCausalLM",)
+    description = "Mistral (sliding-window attention when configured)"
+
+    def lm_config(self, hf_config: dict) -> LMConfig:
+        stack = stack_from_hf(hf_config, sliding_window=hf_config.get("sliding_window"))
+        return lm_from_hf(hf_config, stack)
+
+
+class Qwen2Adapter(LlamaAdapter):
+    name = "qwen2"
+    architectures = ("Qwen2ForCausalLM",)
+    description = "Qwen2 / Qwen2.5 (q/k/v biases)"
+
+    def lm_config(self, hf_config: dict) -> LMConfig:
+        window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window") else None
+        if window is not None and hf_config.get("max_window_layers", 0) < hf_config.get(
+            "num_hidden_layers", 0
+        ):
+            raise TeacherError("Qwen2 with sliding windows on only some layers is not supported")
+        stack = stack_from_hf(hf_config, qkv_bias=True, o_bias=False, sliding_window=window)
+        return lm_from_hf(hf_config, stack)
+
+
+def split_grouped_wqkv(
+    wqkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split InternLM2's fused ``wqkv`` (weight ``[rows, hidden]`` or bias ``[rows]``).
+
+    Rows are grouped per KV head: for each KV head, its ``num_heads // num_kv_heads`` query heads,
+    then its key, then its value, each ``head_dim`` rows. Query head ``kv * group + j`` is the
+    ``j``-th query of KV head ``kv``, the usual GQA convention.
+    """
+    group = num_heads // num_kv_heads
+    rows = num_kv_heads * (group + 2) * head_dim
+    if wqkv.shape[0] != rows:
+        raise TeacherError(f"wqkv has {wqkv.shape[0]} rows, expected {rows} for this config")
+    tail = wqkv.shape[1:]
+    w = wqkv.reshape(num_kv_heads, group + 2, head_dim, *tail)
+    q = w[:, :group].reshape(num_heads * head_dim, *tail)
+    k = w[:, group].reshape(num_kv_heads * head_dim, *tail)
+    v = w[:, group + 1].reshape(num_kv_heads * head_dim, *tail)
+    return q, k, v
+
+
+def internlm2_layer_rules(prefix: str, stack: StackConfig, target_offset: int = 0) -> list[Rule]:
+    """Rules for InternLM2 decoder layers under ``prefix`` (e.g. ``model.layers.``), writing to
+    flat layer ``target_offset + i``."""
+
+    def layer(match: re.Match) -> int:
+        return target_offset + int(match.group(1))
+
+    def wqkv(tensor: torch.Tensor, match: re.Match) -> dict[str, torch.Tensor]:
+        q, k, v = split_grouped_wqkv(tensor, stack.num_heads, stack.num_kv_heads, stack.head_dim)
+        i, kind = layer(match), match.group(2)
+        return {
+            f"layers.{i}.mixer.{n}_proj.{kind}": t for n, t in zip("qkv", (q, k, v), strict=True)
+        }
+
+    def simple(target: str):
+        return lambda tensor, match: {target.format(layer(match), *match.groups()[1:]): tensor}
+
+    p = re.escape(prefix) + r"(\d+)\."
+    return [
+        Rule(p + r"attention\.wqkv\.(weight|bias)", wqkv),
+        Rule(p + r"attention\.wo\.(weight|bias)", simple("layers.{0}.mixer.o_proj.{1}")),
+        Rule(p + r"feed_forward\.w1\.(weight|bias)", simple("layers.{0}.mlp.gate_proj.{1}")),
+        Rule(p + r"feed_forward\.w3\.(weight|bias)", simple("layers.{0}.mlp.up_proj.{1}")),
+        Rule(p + r"feed_forward\.w2\.(weight|bias)", simple("layers.{0}.mlp.down_proj.{1}")),
+        Rule(p + r"attention_norm\.(weight)", simple("layers.{0}.input_norm.{1}")),
+        Rule(p + r"ffn_norm\.(weight)", simple("layers.{0}.post_norm.{1}")),
+        Rule(p + r"attention\.rotary_emb\.inv_freq", None),
+    ]
+
+
+def internlm2_stack(cfg: dict, name: str = "llm") -> StackConfig:
+    bias = bool(cfg.get("bias", False))
+    return stack_from_hf(cfg, name=name, qkv_bias=bias, o_bias=bias)
+
+
+class InternLM2Adapter(TeacherAdapter):
+    name = "internlm2"
+    architectures = ("InternLM2ForCausalLM",)
+    description = "InternLM2 (fused wqkv grouped per KV head)"
+
+    def lm_config(self, hf_config: dict) -> LMConfig:
+        return lm_from_hf(hf_config, internlm2_stack(hf_config))
+
+    def rules(self, hf_config: dict) -> list[Rule]:
+        stack = internlm2_stack(hf_config)
+        return [
+            Rule(r"model\.tok_embeddings\.weight", "front.embed_tokens.weight"),
+            *internlm2_layer_rules("model.layers.", stack),
+            Rule(r"model\.norm\.weight", "norm.weight"),
+            Rule(r"output\.weight", "lm_head.weight"),
+        ]
+
+
+for _adapter in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), InternLM2Adapter()):
+    register_adapter(_adapter)

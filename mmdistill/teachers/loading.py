@@ -1,0 +1,207 @@
+"""Resolve a teacher source (alias, local directory, GGUF file or hub id) and load it as a
+:class:`~mmdistill.model.DecoderLM` with provenance recorded in ``config.teacher``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import TeacherError
+from ..io import read_safetensors, sha256_file, weight_files
+from ..model import DecoderLM, LMConfig
+from .base import apply_rules, find_adapter
+
+ALIASES = {"hovle": "OpenGVLab/HoVLE"}
+# Files copied next to a student so it tokenises and templates exactly like its teacher.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MMDISTILL_CACHE", Path.home() / ".cache" / "mmdistill"))
+
+
+def resolve_source(source: str) -> Path:
+    """A local directory holding ``config.json`` and safetensors weights for ``source``."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise TeacherError(f"{path} has no config.json; is it a model directory?")
+        return path
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise TeacherError(f"GGUF file not found: {path}")
+        return gguf_to_folder(path)
+    if path.exists():
+        raise TeacherError(f"{path} is neither a model directory nor a .gguf file")
+    repo = ALIASES.get(source.lower(), source)
+    if repo.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise TeacherError(
+            f"teacher source {source!r} is not a local directory, a .gguf file, a known alias "
+            f"({', '.join(ALIASES)}) or a hub id (owner/name)"
+        )
+    return fetch_from_hub(repo, source)
+
+
+def fetch_from_hub(repo: str, source: str) -> Path:
+    """Use the local hub cache, else try the hub briefly; offline, fail fast with advice."""
+    hint = (
+        f"download {repo} on a machine with hub access (e.g. `hf download {repo} --local-dir "
+        f"DIR`) and pass --teacher DIR"
+    )
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise TeacherError(
+            f"huggingface_hub is not installed, so {source!r} cannot be fetched; {hint}"
+        ) from exc
+    try:
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise TeacherError(
+            f"{repo} is not in the local hub cache and HF_HUB_OFFLINE is set; {hint}"
+        )
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().model_info(repo, timeout=10)
+        return Path(
+            snapshot_download(
+                repo,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"],
+            )
+        )
+    except Exception as exc:
+        raise TeacherError(
+            f"could not fetch {repo} from the Hugging Face hub ({type(exc).__name__}); offline? {hint}"
+        ) from exc
+
+
+def gguf_to_folder(path: Path) -> Path:
+    """Dequantise a GGUF file once into a cached HF folder (config, safetensors, tokenizer)."""
+    digest = sha256_file(path)[:16]
+    out = cache_root() / "gguf" / f"{path.stem}-{digest}"
+    if (out / "config.json").exists() and (out / ".complete").exists():
+        return out
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:  # pragma: no cover - transformers is a dependency
+        raise TeacherError("transformers is needed to read GGUF files") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as exc:
+        raise TeacherError(
+            f"reading {path} needs the 'gguf' package: pip install gguf ({exc})"
+        ) from exc
+    except Exception as exc:
+        raise TeacherError(f"cannot read GGUF file {path}: {exc}") from exc
+    from ..io import atomic_directory
+
+    with atomic_directory(out, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / ".complete").write_text(str(path))
+    return out
+
+
+def read_config(directory: Path) -> dict:
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise TeacherError(f"{directory / 'config.json'} is not valid JSON: {exc}") from exc
+
+
+def expected_shapes(model: DecoderLM) -> dict[str, torch.Size]:
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def build_from_state_dict(
+    config: LMConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
+) -> DecoderLM:
+    """Instantiate on the meta device and assign ``tensors`` (no random-init cost or copy)."""
+    with torch.device("meta"):
+        model = DecoderLM(config)
+    if config.tie_word_embeddings:
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+        tensors["lm_head.weight"] = tensors["front.embed_tokens.weight"]
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.front.token_embeddings().weight
+    for rotary in model.rotary:
+        rotary.inv_freq = rotary._inv_freq(rotary.config.rope_theta)
+    return model.eval()
+
+
+def load_teacher(
+    source: str, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+) -> DecoderLM:
+    """Load a teacher from ``source`` (alias, directory, ``.gguf`` or hub id).
+
+    Returns:
+        A frozen, eval-mode :class:`DecoderLM` whose ``config.teacher`` records the source, the
+        adapter, the sha256 of each weight file and the teacher's own ``config.json``.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    directory = resolve_source(str(source))
+    hf_config = read_config(directory)
+    adapter = find_adapter(hf_config, str(source))
+    try:
+        config = adapter.lm_config(hf_config)
+    except (KeyError, ValueError) as exc:
+        raise TeacherError(f"{source}: unsupported or malformed config.json: {exc}") from exc
+    tensors = read_safetensors(directory)
+    with torch.device("meta"):
+        shapes = expected_shapes(DecoderLM(config))
+    converted = apply_rules(adapter.rules(hf_config), tensors, shapes, str(source))
+    config.teacher = {
+        "source": str(source),
+        "directory": str(directory.resolve()),
+        "adapter": adapter.name,
+        "architectures": hf_config.get("architectures"),
+        "weights_sha256": {p.name: sha256_file(p) for p in weight_files(directory)},
+        "config": hf_config,
+    }
+    if config.chat_template is None:
+        config.chat_template = read_chat_template(directory)
+    model = build_from_state_dict(config, converted, dtype).to(device)
+    model.requires_grad_(False)
+    return model
+
+
+def read_chat_template(directory: Path) -> str | None:
+    jinja = directory / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    tok_cfg = directory / "tokenizer_config.json"
+    if tok_cfg.exists():
+        try:
+            template = json.loads(tok_cfg.read_text()).get("chat_template")
+        except json.JSONDecodeError:
+            return None
+        return template if isinstance(template, str) else None
+    return None

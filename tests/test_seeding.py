@@ -1,0 +1,160 @@
+"""Seeding: weights come from the teacher's slices, layouts, cached generation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mmdistill
+from mmdistill.errors import CheckpointError, MmdistillError
+from mmdistill.layout import parse_attention_layers
+from mmdistill.mixer import Mamba2Mixer
+
+
+def test_layout_specs():
+    assert parse_attention_layers("none", 8) == []
+    assert parse_attention_layers("all", 3) == [0, 1, 2]
+    assert parse_attention_layers("every:4", 32) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert parse_attention_layers("5, 1,1", 8) == [1, 5]
+    with pytest.raises(ValueError, match="out of range.*8 layers"):
+        parse_attention_layers("3,8", 8)
+    with pytest.raises(ValueError, match="every:K"):
+        parse_attention_layers("every:0", 8)
+    with pytest.raises(ValueError, match="comma list"):
+        parse_attention_layers("first-half", 8)
+
+
+def test_all_layout_equals_teacher(llama_teacher):
+    student = mmdistill.seed(llama_teacher, attention_layers="all")
+    ids = torch.randint(0, 101, (2, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            student(ids).logits, llama_teacher(ids).logits, rtol=0, atol=1e-6
+        )
+
+
+def test_seeded_weights_are_teacher_slices(llama_teacher):
+    student = mmdistill.seed(llama_teacher, attention_layers="1", seed=3)
+    assert student.config.layer_types == ["mamba", "attention", "mamba", "mamba"]
+    for i in (0, 2, 3):
+        attn = llama_teacher.layers[i].mixer
+        mixer = student.layers[i].mixer
+        assert isinstance(mixer, Mamba2Mixer)
+        assert torch.equal(mixer.c_proj.weight, attn.q_proj.weight)
+        assert torch.equal(mixer.b_proj.weight, attn.k_proj.weight)
+        assert torch.equal(mixer.x_proj.weight, attn.v_proj.weight)
+        assert torch.equal(mixer.out_proj.weight, attn.o_proj.weight)
+        assert mixer.c_proj.weight.data_ptr() != attn.q_proj.weight.data_ptr()  # a copy
+        assert mixer.config.conv_dim == 2 * 8 * 2 + 6 * 8
+    for name, p in student.named_parameters():
+        if ".mixer." not in name:
+            assert torch.equal(p, llama_teacher.get_parameter(name)), name
+        assert p.requires_grad
+    # Different seeds give different new parameters, same inherited ones.
+    other = mmdistill.seed(llama_teacher, attention_layers="1", seed=4)
+    assert not torch.equal(other.layers[0].mixer.dt_bias, student.layers[0].mixer.dt_bias)
+
+
+@pytest.mark.parametrize("spec", ["none", "every:2"])
+@pytest.mark.parametrize("conv_kernel", [2, 4])
+def test_cached_generation_equals_recompute(llama_teacher, spec, conv_kernel):
+    student = mmdistill.seed(
+        llama_teacher, attention_layers=spec, mixer={"conv_kernel": conv_kernel}
+    )
+    prompt = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(0))
+    out = student.generate(prompt, max_new_tokens=12, eos_token_id=[])
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, student(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+    chunked = student.generate(prompt, max_new_tokens=12, eos_token_id=[], prefill_chunk_size=4)
+    assert torch.equal(chunked, seq)
+
+
+def test_left_padded_generation_matches_single_rows(llama_teacher):
+    student = mmdistill.seed(llama_teacher, attention_layers="every:2")
+    a = torch.randint(0, 101, (1, 9), generator=torch.Generator().manual_seed(1))
+    b = torch.randint(0, 101, (1, 5), generator=torch.Generator().manual_seed(2))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    out = student.generate(batch, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(out[0:1], student.generate(a, max_new_tokens=6, eos_token_id=[]))
+    assert torch.equal(out[1:2, 4:], student.generate(b, max_new_tokens=6, eos_token_id=[]))
+
+
+def test_sampling_is_seeded_and_respects_eos(llama_teacher):
+    student = mmdistill.seed(llama_teacher)
+    prompt = torch.randint(0, 101, (3, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(
+        max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, eos_token_id=[]
+    )
+    one = student.generate(prompt, generator=torch.Generator().manual_seed(7), **kw)
+    two = student.generate(prompt, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(one, two)
+    greedy = student.generate(prompt, max_new_tokens=10, eos_token_id=[])
+    first = int(greedy[0, 5])
+    stopped = student.generate(prompt[:1], max_new_tokens=10, eos_token_id=first)
+    assert stopped.shape[1] == 6
+
+
+def test_save_load_round_trip(tmp_path, llama_teacher, llama_dir):
+    student = mmdistill.seed(
+        llama_teacher, attention_layers="every:2", mixer={"gate_order": "after_norm"}
+    )
+    student.save_pretrained(tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["layer_types"] == ["attention", "mamba", "attention", "mamba"]
+    assert cfg["mixer"]["gate_order"] == "after_norm"
+    assert cfg["teacher"]["config"]["architectures"] == ["LlamaForCausalLM"]
+    assert len(cfg["teacher"]["weights_sha256"]["model.safetensors"]) == 64
+    loaded = mmdistill.load_student(tmp_path / "s")
+    ids = torch.randint(0, 101, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, student(ids).logits)
+    with pytest.raises(CheckpointError, match="not empty"):
+        student.save_pretrained(tmp_path / "s")
+    student.save_pretrained(tmp_path / "s", overwrite=True)
+    # Sharded writes load the same.
+    student.save_pretrained(tmp_path / "sharded", max_shard_bytes=20_000)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+        assert torch.equal(
+            mmdistill.load_student(tmp_path / "sharded")(ids).logits, student(ids).logits
+        )
+    (tmp_path / "sharded" / "model-00002-of-00012.safetensors").unlink(missing_ok=True)
+    shard = sorted((tmp_path / "sharded").glob("model-0*"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="partial"):
+        mmdistill.load_student(tmp_path / "sharded")
+    with pytest.raises(CheckpointError, match="not an mmdistill"):
+        mmdistill.load_student(llama_dir)
+
+
+def test_failed_save_leaves_nothing(tmp_path, llama_teacher, monkeypatch):
+    import mmdistill.io as io
+
+    student = mmdistill.seed(llama_teacher)
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "save_file", boom)
+    with pytest.raises(CheckpointError, match="disk full"):
+        student.save_pretrained(tmp_path / "s")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seed_errors(llama_teacher):
+    with pytest.raises(MmdistillError, match="out of range"):
+        mmdistill.seed(llama_teacher, attention_layers="0,9")
+    with pytest.raises(MmdistillError, match="d_state"):
+        mmdistill.seed(llama_teacher, mixer={"d_state": 4})
+    with pytest.raises(MmdistillError, match="num_heads"):
+        mmdistill.seed(llama_teacher, mixer={"num_heads": 3})
+    student = mmdistill.seed(llama_teacher)
+    with pytest.raises(MmdistillError, match="already has Mamba"):
+        mmdistill.seed(student)

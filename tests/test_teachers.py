@@ -1,0 +1,197 @@
+"""Teacher adapters against transformers' own forward, and clear errors for bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_hf_model
+from safetensors.torch import load_file, save_file
+
+from mmdistill import load_teacher
+from mmdistill.errors import CheckpointError, TeacherError
+from mmdistill.teachers.hf import split_grouped_wqkv
+
+
+def compare_logits(hf_model, teacher, length=37):
+    ids = torch.randint(0, 101, (2, length), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+    with torch.no_grad():
+        ref, ours = hf_model(ids).logits, teacher(ids).logits
+        ref_m, ours_m = (
+            hf_model(ids, attention_mask=mask).logits,
+            teacher(ids, attention_mask=mask).logits,
+        )
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_m[0, 6:], ref_m[0, 6:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_m[1], ref_m[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 6}),
+        ("llama", {"attention_bias": True, "mlp_bias": True}),
+        ("qwen2", {}),
+        ("mistral", {"sliding_window": 16}),
+    ],
+)
+def test_hf_teacher_matches_transformers(tmp_path, family, overrides):
+    hf_model = write_hf_model(tmp_path, family, **overrides)
+    teacher = load_teacher(str(tmp_path))
+    assert teacher.config.teacher["adapter"] == family
+    assert all(not p.requires_grad for p in teacher.parameters())
+    compare_logits(hf_model, teacher)
+
+
+def pack_grouped_wqkv(q, k, v, heads, kv_heads, head_dim):
+    """Test-side packing, written as an explicit loop: for each KV head its queries, k, v."""
+    group = heads // kv_heads
+    rows = []
+    for j in range(kv_heads):
+        for i in range(group):
+            rows.append(q[(j * group + i) * head_dim : (j * group + i + 1) * head_dim])
+        rows.append(k[j * head_dim : (j + 1) * head_dim])
+        rows.append(v[j * head_dim : (j + 1) * head_dim])
+    return torch.cat(rows)
+
+
+def llama_to_internlm2(src, dst):
+    """Rewrite a Llama checkpoint in InternLM2's key layout with grouped wqkv."""
+    cfg = json.loads((src / "config.json").read_text())
+    tensors = load_file(str(src / "model.safetensors"))
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg["hidden_size"] // heads
+    out = {
+        "model.tok_embeddings.weight": tensors["model.embed_tokens.weight"],
+        "model.norm.weight": tensors["model.norm.weight"],
+        "output.weight": tensors["lm_head.weight"],
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out[p + "attention.wqkv.weight"] = pack_grouped_wqkv(
+            tensors[p + "self_attn.q_proj.weight"],
+            tensors[p + "self_attn.k_proj.weight"],
+            tensors[p + "self_attn.v_proj.weight"],
+            heads,
+            kv,
+            hd,
+        )
+        out[p + "attention.wo.weight"] = tensors[p + "self_attn.o_proj.weight"]
+        out[p + "feed_forward.w1.weight"] = tensors[p + "mlp.gate_proj.weight"]
+        out[p + "feed_forward.w3.weight"] = tensors[p + "mlp.up_proj.weight"]
+        out[p + "feed_forward.w2.weight"] = tensors[p + "mlp.down_proj.weight"]
+        out[p + "attention_norm.weight"] = tensors[p + "input_layernorm.weight"]
+        out[p + "ffn_norm.weight"] = tensors[p + "post_attention_layernorm.weight"]
+    dst.mkdir(exist_ok=True)
+    save_file(out, str(dst / "model.safetensors"))
+    new_cfg = {
+        k: cfg[k]
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "hidden_act",
+        )
+    }
+    new_cfg.update(
+        architectures=["InternLM2ForCausalLM"],
+        model_type="internlm2",
+        bias=False,
+        rope_theta=cfg.get("rope_theta", cfg.get("rope_parameters", {}).get("rope_theta")),
+        tie_word_embeddings=False,
+    )
+    (dst / "config.json").write_text(json.dumps(new_cfg))
+
+
+def test_internlm2_grouped_wqkv_matches_llama(tmp_path):
+    hf_model = write_hf_model(
+        tmp_path / "llama", "llama", num_attention_heads=6, num_key_value_heads=2
+    )
+    llama_to_internlm2(tmp_path / "llama", tmp_path / "internlm2")
+    teacher = load_teacher(str(tmp_path / "internlm2"))
+    assert teacher.config.teacher["adapter"] == "internlm2"
+    compare_logits(hf_model, teacher)
+
+
+def test_split_grouped_wqkv_identifiable_rows():
+    heads, kv, hd = 6, 2, 3
+    group = heads // kv
+    # Row r of the fused matrix holds the value r everywhere: we can read where each row went.
+    fused = torch.arange(kv * (group + 2) * hd, dtype=torch.float32)[:, None].repeat(1, 5)
+    q, k, v = split_grouped_wqkv(fused, heads, kv, hd)
+    for head in range(heads):
+        j, i = divmod(head, group)
+        start = j * (group + 2) * hd + i * hd
+        assert torch.equal(
+            q[head * hd : (head + 1) * hd, 0], torch.arange(start, start + hd).float()
+        )
+    for j in range(kv):
+        kstart = j * (group + 2) * hd + group * hd
+        assert torch.equal(k[j * hd : (j + 1) * hd, 0], torch.arange(kstart, kstart + hd).float())
+        assert torch.equal(
+            v[j * hd : (j + 1) * hd, 0], torch.arange(kstart + hd, kstart + 2 * hd).float()
+        )
+    qb, kb, vb = split_grouped_wqkv(fused[:, 0], heads, kv, hd)  # biases split the same way
+    assert torch.equal(qb, q[:, 0]) and torch.equal(kb, k[:, 0]) and torch.equal(vb, v[:, 0])
+
+
+def test_unknown_architecture_names_supported(tmp_path, llama_dir):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").write_bytes((llama_dir / "model.safetensors").read_bytes())
+    with pytest.raises(TeacherError, match="not supported.*LlamaForCausalLM.*register_adapter"):
+        load_teacher(str(tmp_path))
+
+
+def test_partial_and_unreadable_weights(tmp_path, llama_dir):
+    cfg = (llama_dir / "config.json").read_text()
+    tensors = load_file(str(llama_dir / "model.safetensors"))
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text(cfg)
+    save_file(
+        {k: v for k, v in tensors.items() if "layers.3." not in k},
+        str(partial / "model.safetensors"),
+    )
+    with pytest.raises(TeacherError, match="missing or partial"):
+        load_teacher(str(partial))
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "config.json").write_text(cfg)
+    save_file({**tensors, "model.mystery.weight": torch.zeros(2)}, str(extra / "model.safetensors"))
+    with pytest.raises(TeacherError, match="not understood.*model.mystery.weight"):
+        load_teacher(str(extra))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(cfg)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_teacher(str(broken))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(cfg)
+    (pickled / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_teacher(str(pickled))
+
+
+def test_offline_hub_source_fails_fast(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    with pytest.raises(TeacherError, match="local"):
+        load_teacher("hovle")
+    with pytest.raises(TeacherError, match="not a local directory"):
+        load_teacher("./no/such/dir")
+    assert time.monotonic() - start < 10
