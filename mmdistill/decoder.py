@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixer import Mamba2Mixer, MixerConfig, MixerState
+from .mixer import Mamba2Mixer, MixerConfig, MixerState, at_least_fp32
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 ACTIVATIONS = {
@@ -39,6 +39,8 @@ class StackConfig:
         hidden_act: MLP activation (key of :data:`ACTIVATIONS`).
         sliding_window: attention window in tokens, or ``None``.
         max_position_embeddings: the teacher's trained context (used by dynamic RoPE scaling).
+        l2_normalize_input: divide the residual stream entering this stack by its L2 norm
+            (HoVLE's ``normalize_encoder_output`` between its embedding module and LLM).
     """
 
     num_layers: int
@@ -56,6 +58,7 @@ class StackConfig:
     sliding_window: int | None = None
     max_position_embeddings: int = 4096
     name: str = "llm"
+    l2_normalize_input: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,7 +93,8 @@ class StackConfig:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and cast back before the weight (Llama/InternLM2 order)."""
+    """RMSNorm computed in float32 (float64 stays float64) and cast back before the weight
+    (Llama/InternLM2 order)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -98,7 +102,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = at_least_fp32(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 

@@ -232,6 +232,10 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.front.token_embeddings().weight
         self.gradient_checkpointing = False
         self._stack_ids = stack_ids
+        firsts = [sum(s.num_layers for s in config.stacks[:k]) for k in range(len(config.stacks))]
+        self._normalize_at = {
+            first for first, s in zip(firsts, config.stacks, strict=True) if s.l2_normalize_input
+        }
 
     @property
     def device(self) -> torch.device:
@@ -341,6 +345,8 @@ class DecoderLM(nn.Module):
         captures = [] if capture_mixers else None
         for i in range(start, stop):
             layer = self.layers[i]
+            if i in self._normalize_at:
+                x = x / x.norm(dim=-1, keepdim=True)
             if hidden_states is not None:
                 hidden_states.append(x)
             ctx = ctxs[self._stack_ids[i]]

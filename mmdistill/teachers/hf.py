@@ -176,7 +176,7 @@ def internlm2_layer_rules(prefix: str, stack: StackConfig, target_offset: int = 
 
 
 def internlm2_stack(cfg: dict, name: str = "llm") -> StackConfig:
-    bias = bool(cfg.get("bias", False))
+    bias = bool(cfg.get("bias", cfg.get("attention_bias", False)))
     return stack_from_hf(cfg, name=name, qkv_bias=bias, o_bias=bias)
 
 
