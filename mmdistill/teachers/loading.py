@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,6 +16,42 @@ from ..model import DecoderLM, LMConfig
 from .base import apply_rules, find_adapter
 
 ALIASES = {"hovle": "OpenGVLab/HoVLE"}
+# ``builtin:NAME`` teachers are built locally (deterministically) on first use and cached.
+BUILTIN_TEACHERS: dict[str, Callable[[Path], None]] = {}
+
+
+def register_builtin_teacher(name: str):
+    """Decorator: ``fn(directory)`` writes the checkpoint of ``builtin:name`` into ``directory``."""
+
+    def wrap(fn: Callable[[Path], None]):
+        BUILTIN_TEACHERS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_builtin_teacher("tiny-hovle")
+def _tiny_hovle(directory: Path) -> None:
+    """A random-weight HoVLE-format model of a few hundred thousand parameters (smoke tests)."""
+    from .hovle_fixture import write_tiny_hovle
+
+    write_tiny_hovle(directory, seed=0)
+
+
+def builtin_teacher(name: str) -> Path:
+    if name not in BUILTIN_TEACHERS:
+        raise TeacherError(
+            f"unknown built-in teacher builtin:{name}; known: "
+            + ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_TEACHERS))
+        )
+    out = cache_root() / "builtin" / name
+    if not (out / ".complete").exists():
+        from ..io import atomic_directory
+
+        with atomic_directory(out, overwrite=True) as tmp:
+            BUILTIN_TEACHERS[name](tmp)
+            (tmp / ".complete").write_text(name)
+    return out
 # Files copied next to a student so it tokenises and templates exactly like its teacher.
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -37,6 +74,8 @@ def cache_root() -> Path:
 
 def resolve_source(source: str) -> Path:
     """A local directory holding ``config.json`` and safetensors weights for ``source``."""
+    if source.startswith("builtin:"):
+        return builtin_teacher(source.split(":", 1)[1])
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
