@@ -16,7 +16,7 @@ import torch
 from .decoder import Attention
 from .errors import MmdistillError
 from .layout import layer_types_for
-from .mixer import Mamba2Mixer
+from .mixer import INHERITED_ROLES, Mamba2Mixer
 from .model import DecoderLM
 
 
@@ -95,23 +95,13 @@ def seed(
 
 
 def count_parameters(student: DecoderLM) -> dict[str, int]:
-    """Inherited vs new parameters of a seeded student."""
-    new = 0
-    total = 0
+    """Inherited vs new parameters of a seeded student (new = the mixers' SSM parameters)."""
+    new = total = 0
     for name, p in student.named_parameters():
         total += p.numel()
-        if ".mixer." in name and not any(
-            f".mixer.{r}" in name
-            for r in (
-                "c_proj",
-                "b_proj",
-                "x_proj",
-                "out_proj",
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-            )
-        ):
-            new += p.numel()
+        if ".mixer." in name:
+            module = name.split(".mixer.", 1)[1].split(".", 1)[0]
+            is_mamba = student.config.layer_types[int(name.split(".")[1])] == "mamba"
+            if is_mamba and module not in INHERITED_ROLES:
+                new += p.numel()
     return {"total": total, "new": new, "inherited": total - new}

@@ -158,3 +158,17 @@ def test_seed_errors(llama_teacher):
     student = mmdistill.seed(llama_teacher)
     with pytest.raises(MmdistillError, match="already has Mamba"):
         mmdistill.seed(student)
+
+
+def test_parameter_count_of_new_ssm_parameters(llama_teacher):
+    from mmdistill.seeding import count_parameters
+
+    student = mmdistill.seed(llama_teacher, attention_layers="every:2")
+    # Per converted layer (hidden 48, 6 heads, 2 KV heads, head_dim 8): z 48*48, dt 6*48,
+    # dt_bias 6, A_log 6, conv over 2*(8+8)*2... = 2*2*8 + 2*2*8 + 6*8 = 112 channels (k=2 + bias),
+    # gate norm 48.
+    conv_dim = 2 * 8 + 2 * 8 + 6 * 8
+    per_layer = 48 * 48 + 6 * 48 + 6 + 6 + conv_dim * 2 + conv_dim + 48
+    counts = count_parameters(student)
+    assert counts["new"] == 2 * per_layer
+    assert counts["total"] == sum(p.numel() for p in student.parameters())
