@@ -164,9 +164,9 @@ def test_parameter_count_of_new_ssm_parameters(llama_teacher):
     from mmdistill.seeding import count_parameters
 
     student = mmdistill.seed(llama_teacher, attention_layers="every:2")
-    # Per converted layer (hidden 48, 6 heads, 2 KV heads, head_dim 8): z 48*48, dt 6*48,
-    # dt_bias 6, A_log 6, conv over 2*(8+8)*2... = 2*2*8 + 2*2*8 + 6*8 = 112 channels (k=2 + bias),
-    # gate norm 48.
+    # Per converted layer (hidden 48, 6 heads, 2 KV heads, head_dim 8): z 48x48, dt 6x48,
+    # dt_bias 6, A_log 6, the conv over x (2x8), B (2x8) and C (6x8) channels with kernel 2 plus
+    # bias, and the gate norm 48.
     conv_dim = 2 * 8 + 2 * 8 + 6 * 8
     per_layer = 48 * 48 + 6 * 48 + 6 + 6 + conv_dim * 2 + conv_dim + 48
     counts = count_parameters(student)
