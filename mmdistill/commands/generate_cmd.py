@@ -1,0 +1,127 @@
+"""``mmdistill generate``: stream a student's (or a teacher's) answer to one prompt.
+
+The prompt goes through the model's chat template (HoVLE's for HoVLE-format models, the
+tokenizer's Jinja template for HF models) unless ``--raw``; ``--image`` adds an image for
+HoVLE-format models. Text streams to stdout as it is generated; with ``--json`` nothing streams
+and one JSON document is printed instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import typer
+
+from ..errors import DataError
+
+
+class _Streamer:
+    """Decodes the growing answer and writes only the new text (whole characters only)."""
+
+    def __init__(self, tokenizer, stop_ids: list[int], echo: bool) -> None:
+        self.tokenizer = tokenizer
+        self.stop_ids = set(stop_ids)
+        self.echo = echo
+        self.ids: list[int] = []
+        self.stopped = False
+        self.printed = ""
+
+    def __call__(self, token: torch.Tensor) -> None:
+        value = int(token[0])
+        if self.stopped or value in self.stop_ids:
+            self.stopped = True
+            return
+        self.ids.append(value)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.echo and not text.endswith("\ufffd") and text.startswith(self.printed):
+            sys.stdout.write(text[len(self.printed) :])
+            sys.stdout.flush()
+            self.printed = text
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+def generate_command(
+    model_dir: str = typer.Argument(
+        ..., metavar="DIR", help="Student directory, or any teacher source (dir, .gguf, alias)."
+    ),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user's message."),
+    image: list[Path] = typer.Option(
+        None, "--image", "-i", help="Image file (HoVLE-format models); repeat for several."
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1),
+    temperature: float = typer.Option(
+        0.0, "--temperature", min=0.0, help="0 = greedy; > 0 samples at this temperature."
+    ),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is (no chat template)."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document, no streaming."),
+) -> None:
+    """Generate an answer with a student or teacher, streaming it to stdout."""
+    from ..cli import emit_json, err
+    from ..evaluation import build_generation_prompt, describe, is_student_dir, load_model
+    from ..generation import generate
+    from ..tokenizer import load_tokenizer
+
+    images = list(image or [])
+    for path in images:
+        if not path.is_file():
+            raise DataError(f"image file not found: {path}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
+    with err.status(f"loading {model_dir}"):
+        model = load_model(model_dir, dtype=dtype, device=device)
+    directory = model_dir if is_student_dir(model_dir) else model.config.teacher["directory"]
+    tokenizer = load_tokenizer(directory)
+    ids, pixel_values, stop_ids = build_generation_prompt(
+        model, tokenizer, prompt, images, use_template=not raw
+    )
+    streamer = _Streamer(tokenizer, stop_ids, echo=not as_json)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    start = time.perf_counter()
+    out = generate(
+        model,
+        torch.tensor([ids], device=model.device),
+        pixel_values=pixel_values.to(model.device) if pixel_values is not None else None,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else 1.0,
+        top_p=top_p,
+        eos_token_id=stop_ids,
+        generator=generator,
+        streamer=streamer,
+    )
+    seconds = time.perf_counter() - start
+    new_tokens = out.shape[1] - len(ids)
+    if as_json:
+        emit_json(
+            {
+                "model": model_dir,
+                "layout": describe(model),
+                "prompt": prompt,
+                "images": [str(p) for p in images],
+                "text": streamer.text,
+                "prompt_tokens": len(ids),
+                "new_tokens": new_tokens,
+                "seconds": round(seconds, 3),
+                "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else None,
+            }
+        )
+    else:
+        sys.stdout.write(streamer.text[len(streamer.printed) :] + "\n")
+        sys.stdout.flush()
+        err.print(
+            f"[dim]{new_tokens} tokens in {seconds:.2f} s ({describe(model)})[/]", highlight=False
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("generate")(generate_command)
