@@ -1,0 +1,525 @@
+"""Distillation recipes: YAML parsed into typed, validated pydantic models.
+
+A recipe names the teacher, the student layout, the data, the list of stages (trainable parameter
+groups by role, loss, optimiser, schedule, length, batch), precision, distributed settings,
+logging, checkpointing and ``output_dir``. Unknown keys and wrong types are refused before any
+heavy work, and every error names the full key path (``stages.0.lr: ...``).
+
+Command-line overrides follow OmegaConf's dotlist: ``key=value`` with a dotted path whose integer
+parts index lists (``stages.0.lr=1e-3``) and a YAML value (``data.train=[{source: a.txt}]``).
+
+Typical use::
+
+    recipe = load_recipe("recipes/tiny.yaml", ["output_dir=runs/x", "stages.0.steps=10"])
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import RecipeError
+
+ROLES = ("ssm", "qkv", "out_proj", "attention", "mlp", "norms", "embeddings", "vision")
+"""Parameter groups a stage can train (see :func:`mmdistill.stages.parameter_role`)."""
+MIXER_ROLES = ("ssm", "qkv", "out_proj")
+Role = Literal["ssm", "qkv", "out_proj", "attention", "mlp", "norms", "embeddings", "vision"]
+BUILTIN_DATA = ("builtin:shapes", "builtin:shapes/eval", "builtin:shapes/text")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class StudentSpec(_Strict):
+    """Which layers keep attention and how the Mamba-2 mixers are configured.
+
+    Attributes:
+        attention_layers: ``none`` | ``all`` | ``every:K`` | a comma list or a list of indices
+            over the flat decoder stack (see :mod:`mmdistill.layout`).
+        mixer: :class:`~mmdistill.mixer.MixerConfig` options (``conv_kernel``, ``gate_order``,
+            ``use_D``, ``backend``, ``chunk_size``, ...); sizes come from the teacher.
+        seed: RNG seed of the new SSM parameters.
+    """
+
+    attention_layers: str | list[int] = "none"
+    mixer: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+
+    @field_validator("attention_layers")
+    @classmethod
+    def _layout(cls, value):
+        from .layout import parse_attention_layers
+
+        parse_attention_layers(value, 1 << 30)  # syntax only: the layer count needs the teacher
+        return value
+
+    @field_validator("mixer")
+    @classmethod
+    def _mixer(cls, value):
+        from .mixer import MixerConfig
+
+        fixed = sorted(set(value) & {"hidden_size", "num_heads", "num_kv_heads", "head_dim"})
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} come(s) from the teacher and cannot be set")
+        unknown = sorted(set(value) - set(MixerConfig.__dataclass_fields__))
+        if unknown:
+            known = sorted(set(MixerConfig.__dataclass_fields__) - {"hidden_size", "num_heads"})
+            raise ValueError(f"unknown mixer option(s) {unknown}; known: {known}")
+        try:
+            MixerConfig(hidden_size=8, num_heads=1, num_kv_heads=1, head_dim=8, **value)
+        except TypeError as exc:
+            raise ValueError(f"invalid mixer option: {exc}") from None
+        return value
+
+
+class ShapesSpec(_Strict):
+    """Size of the ``builtin:shapes`` data set (:func:`mmdistill.data.synthetic.build_demo_dataset`)."""
+
+    n_train: int = Field(512, ge=1)
+    n_eval: int = Field(64, ge=1)
+    seed: int = 0
+    image_size: int = Field(56, ge=32)
+    max_shapes: int = Field(3, ge=1, le=4)
+    text_lines: int = Field(2000, ge=1)
+
+
+class DataSource(_Strict):
+    """One training or evaluation source.
+
+    Attributes:
+        source: a ``.txt`` file (one document per non-empty line), a JSONL file of
+            ``{"text": ...}``, ``{"input_ids": [...]}`` or InternVL/LLaVA conversation records,
+            or ``builtin:shapes`` (conversations, train split), ``builtin:shapes/eval`` (held-out
+            split) or ``builtin:shapes/text`` (its text corpus).
+        weight: relative sampling weight in the mixture.
+        image_root: directory image paths are relative to (default: the JSONL's directory).
+        max_samples: use only the first N records.
+    """
+
+    source: str
+    weight: float = Field(1.0, gt=0)
+    image_root: str | None = None
+    max_samples: int | None = Field(None, ge=1)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: str):
+        if value.startswith("builtin:") and value not in BUILTIN_DATA:
+            raise ValueError(f"unknown built-in data {value!r}; known: {', '.join(BUILTIN_DATA)}")
+        if not value.startswith("builtin:") and Path(value).suffix not in (".txt", ".jsonl"):
+            raise ValueError(f"{value!r}: data files must end in .txt or .jsonl")
+        return value
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source.startswith("builtin:")
+
+
+class DataSpec(_Strict):
+    """Training and evaluation data.
+
+    Attributes:
+        train: sources mixed by weight (a source is revisited, reshuffled, once exhausted).
+        eval: held-out sources, evaluated at the end of each stage.
+        seq_len: tokens per sequence.
+        packing: pack several samples into each sequence (text may continue into the next
+            sequence; a multimodal sample is never split); else one sample per sequence.
+        seed: seed of the sampling order (same seed, same batches).
+        on_bad_image: ``skip`` a record whose image is missing or unreadable (and count it) or
+            ``fail`` the run, naming the path.
+        system_message: system message of rendered conversations (``None``: the template's).
+        shapes: size of the ``builtin:shapes`` data.
+        eval_batches: batches per evaluation.
+        cache_dir: where built-in data is generated (default: the mmdistill cache).
+    """
+
+    train: list[DataSource] = Field(min_length=1)
+    eval: list[DataSource] = Field(default_factory=list)
+    seq_len: int = Field(2048, ge=8)
+    packing: bool = True
+    seed: int = 0
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    system_message: str | None = None
+    shapes: ShapesSpec = Field(default_factory=ShapesSpec)
+    eval_batches: int = Field(8, ge=1)
+    cache_dir: str | None = None
+
+
+class LossSpec(_Strict):
+    """Loss of a stage: ``mse_weight * layer MSE + kl_weight * KL + ce_weight * CE``.
+
+    A stage with only the MSE term is *layer-wise*: one teacher forward supplies each converted
+    layer's input and target and only the mixers run in the student (stages 1-2). Any KL or CE
+    term makes it *end-to-end* (stage 3).
+
+    Attributes:
+        mse_weight: weight of the per-layer MSE between mixer and teacher-attention outputs
+            (mmMamba: 1000).
+        kl_weight: weight of KL(teacher || student) on logits, normalised per token.
+        kl_temperature: softmax temperature of both sides (the KL is scaled by T^2).
+        ce_weight: weight of the next-token cross-entropy of the student.
+    """
+
+    mse_weight: float = Field(0.0, ge=0)
+    kl_weight: float = Field(0.0, ge=0)
+    kl_temperature: float = Field(1.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_term(self):
+        if not (self.mse_weight or self.kl_weight or self.ce_weight):
+            raise ValueError("give at least one positive weight: mse_weight, kl_weight, ce_weight")
+        return self
+
+    @property
+    def layerwise(self) -> bool:
+        return self.kl_weight == 0 and self.ce_weight == 0
+
+
+class ScheduleSpec(_Strict):
+    """Learning-rate schedule of a stage (multiplier of ``lr`` per optimiser step).
+
+    Attributes:
+        kind: ``constant``, ``cosine`` (warmup, then cosine to ``min_lr_ratio``) or ``wsd``
+            (warmup, stable, then linear decay to ``min_lr_ratio`` over the last steps).
+        warmup_steps / warmup_ratio: warmup length as steps or a fraction of the stage.
+        decay_steps / decay_ratio: ``wsd`` decay length as steps or a fraction of the stage.
+        min_lr_ratio: final multiplier.
+    """
+
+    kind: Literal["constant", "cosine", "wsd"] = "wsd"
+    warmup_steps: int | None = Field(None, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, le=1)
+    decay_steps: int | None = Field(None, ge=0)
+    decay_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class StageSpec(_Strict):
+    """One training stage.
+
+    Attributes:
+        name: label used in logs, checkpoints and the report.
+        trainable: parameter groups that train (roles, see :data:`ROLES`); everything else is
+            frozen.
+        loss: see :class:`LossSpec`.
+        lr, weight_decay, betas, eps: AdamW settings (weight decay applies to matrices only).
+        schedule: see :class:`ScheduleSpec`.
+        steps / tokens: stage length as optimiser steps, or as tokens (converted to steps with
+            ``batch_size * grad_accum * processes * seq_len`` tokens per step).
+        batch_size: sequences per process per micro-step.
+        grad_accum: micro-steps per optimiser step.
+        clip_grad: gradient-norm clipping threshold (``None``: no clipping).
+    """
+
+    name: str = Field(min_length=1)
+    loss: LossSpec
+    trainable: list[Role] = Field(min_length=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    steps: int | None = Field(None, ge=1)
+    tokens: int | None = Field(None, ge=1)
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    clip_grad: float | None = Field(1.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+            raise ValueError(f"{value!r}: use letters, digits, '_', '.' and '-' only")
+        return value
+
+    @field_validator("trainable")
+    @classmethod
+    def _roles(cls, value: list[str], info: ValidationInfo):
+        if len(set(value)) != len(value):
+            raise ValueError(f"roles listed twice: {value}")
+        loss = info.data.get("loss")
+        if loss is not None and loss.layerwise:
+            extra = [r for r in value if r not in MIXER_ROLES]
+            if extra:
+                raise ValueError(
+                    f"{extra} cannot train in a layer-wise (MSE-only) stage, which runs only the "
+                    f"mixers ({', '.join(MIXER_ROLES)}); add a kl_weight or ce_weight for an "
+                    "end-to-end stage"
+                )
+        return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _length(cls, value: int | None, info: ValidationInfo):
+        if "steps" in info.data and (info.data["steps"] is None) == (value is None):
+            raise ValueError("set exactly one of 'steps' and 'tokens'")
+        return value
+
+
+class DistributedSpec(_Strict):
+    """Multi-process settings.
+
+    Attributes:
+        deepspeed: path of a DeepSpeed JSON config (ZeRO-2 or ZeRO-3); ``None`` runs plain
+            PyTorch (DDP when launched on several processes).
+    """
+
+    deepspeed: str | None = None
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _config(cls, value: str | None):
+        if value is None:
+            return value
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"DeepSpeed config not found: {value}")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{value} is not valid JSON: {exc}") from None
+        stage = (config.get("zero_optimization") or {}).get("stage", 0)
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"{value}: zero_optimization.stage must be 0-3, got {stage!r}")
+        return value
+
+
+class LoggingSpec(_Strict):
+    """Metrics: ``metrics.jsonl`` always; TensorBoard and a progress bar optionally.
+
+    Attributes:
+        every: log every N optimiser steps (the first and last steps are always logged).
+        tensorboard: also write TensorBoard events under ``output_dir/tensorboard``.
+        progress: show a rich progress bar on stderr (rank 0).
+    """
+
+    every: int = Field(10, ge=1)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class CheckpointSpec(_Strict):
+    """Training checkpoints under ``output_dir/checkpoints``.
+
+    Attributes:
+        every: save every N optimiser steps within a stage (0: only at the end of each stage).
+        keep: how many complete checkpoints to keep (older ones are deleted).
+    """
+
+    every: int = Field(0, ge=0)
+    keep: int = Field(2, ge=1)
+
+
+class Recipe(_Strict):
+    """A whole distillation run.
+
+    Attributes:
+        name: label of the run.
+        teacher: ``builtin:NAME``, an alias (``hovle``), a model directory, a ``.gguf`` file or
+            a hub id.
+        teacher_dtype: dtype the frozen teacher is held in (default: float32 with
+            ``precision: fp32``, else bfloat16).
+        student: see :class:`StudentSpec`.
+        data: see :class:`DataSpec`.
+        stages: run in order; each starts from the previous one's weights.
+        precision: ``fp32`` or ``bf16`` (autocast with float32 master weights; with DeepSpeed
+            its bf16 mode).
+        gradient_checkpointing: recompute activations in the backward pass (end-to-end stages:
+            per decoder layer; layer-wise stages: per mixer).
+        distributed: see :class:`DistributedSpec`.
+        logging: see :class:`LoggingSpec`.
+        checkpoint: see :class:`CheckpointSpec`.
+        output_dir: run directory; the final student goes to ``output_dir/student``.
+        seed: seed of torch's RNG in every process.
+    """
+
+    name: str = "distill"
+    teacher: str = Field(min_length=1)
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    data: DataSpec
+    stages: list[StageSpec] = Field(min_length=1)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    gradient_checkpointing: bool = False
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    output_dir: str = Field(min_length=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self):
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique; repeated: {dupes}")
+        return self
+
+    @property
+    def resolved_teacher_dtype(self) -> str:
+        if self.teacher_dtype is not None:
+            return self.teacher_dtype
+        return "float32" if self.precision == "fp32" else "bfloat16"
+
+    def missing_files(self) -> list[str]:
+        """Data files named by the recipe that do not exist (``key: path`` strings)."""
+        out = []
+        for split in ("train", "eval"):
+            for i, src in enumerate(getattr(self.data, split)):
+                if not src.is_builtin and not Path(src.source).is_file():
+                    out.append(f"data.{split}.{i}.source: file not found: {src.source}")
+                if src.image_root is not None and not Path(src.image_root).is_dir():
+                    out.append(f"data.{split}.{i}.image_root: not a directory: {src.image_root}")
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML and overrides
+# --------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 needs a dot: ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML (``1e-3`` → float, ``[1, 2]`` → list, ``null`` → None)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply OmegaConf-dotlist-style ``key=value`` overrides to a copy of ``data``.
+
+    Raises:
+        RecipeError: for an override without ``=``, a list index that is not an integer or is out
+            of range, or a path through a scalar; the message names the key.
+    """
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RecipeError(f"override {item!r} is not key=value (e.g. stages.0.lr=1e-3)")
+        parts = key.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            here = ".".join(parts[: depth + 1])
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                if not re.fullmatch(r"\d+", part):
+                    raise RecipeError(f"{here}: {'.'.join(parts[:depth])} is a list; use an index")
+                index = int(part)
+                if index >= len(node):
+                    raise RecipeError(
+                        f"{here}: index {index} is out of range "
+                        f"({'.'.join(parts[:depth])} has {len(node)} entries)"
+                    )
+                if last:
+                    node[index] = parse_value(raw)
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = parse_value(raw)
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise RecipeError(f"{here}: {'.'.join(parts[:depth])} is a value, not a section")
+    return data
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+        message = e["msg"]
+        if e["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif e["type"] == "missing":
+            message = "required key is missing"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if e["type"] not in ("extra_forbidden", "missing") and "input" in e:
+            shown = repr(e["input"])
+            if len(shown) <= 60 and not isinstance(e["input"], dict):
+                message += f" (got {shown})"
+        lines.append(f"{path}: {message}")
+    return "; ".join(lines)
+
+
+def validate_recipe(data: Any, origin: str = "recipe") -> Recipe:
+    """Validate a plain dict into a :class:`Recipe`.
+
+    Raises:
+        RecipeError: listing every problem as ``key.path: message``.
+    """
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{origin}: the recipe must be a mapping of keys, got {type(data).__name__}"
+        )
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{origin}: {_format_errors(exc)}") from None
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    """The raw mapping of a YAML recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        raise RecipeError(f"{path}: the recipe is empty")
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{path}: the recipe must be a mapping of keys, got {type(data).__name__}"
+        )
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file (no model or data is touched)."""
+    data = apply_overrides(read_recipe_file(path), list(overrides or []))
+    return validate_recipe(data, origin=str(path))
