@@ -970,8 +970,9 @@ def run_lm_eval(
     tasks: Sequence[str],
     limit: int | None = None,
     max_length: int = 2048,
+    include_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run lm-evaluation-harness tasks on ``model`` (offline: task data must be cached locally).
+    """Run lm-evaluation-harness tasks on ``model`` (offline: task data must be local).
 
     Args:
         model: any :class:`DecoderLM`.
@@ -979,6 +980,7 @@ def run_lm_eval(
         tasks: harness task names.
         limit: examples per task.
         max_length: longest context fed to the model (left-truncated).
+        include_path: a directory of extra task YAML files (e.g. tasks over local JSON data).
 
     Returns:
         The harness's per-task ``results`` dict.
@@ -989,19 +991,25 @@ def run_lm_eval(
     if not lm_eval_available():
         raise DataError(
             "--tasks needs lm-evaluation-harness: pip install lm-eval (task data must then be "
-            "in the local Hugging Face datasets cache, since evaluation runs offline)"
+            "local: in the Hugging Face datasets cache, or tasks of your own via --include-path)"
         )
-    import lm_eval
+    from lm_eval.evaluator import evaluate as harness_evaluate
     from lm_eval.tasks import TaskManager, get_task_dict
 
     try:
-        task_dict = get_task_dict(list(tasks), TaskManager())
+        manager = TaskManager(include_path=str(include_path) if include_path else None)
+        task_dict = get_task_dict(list(tasks), manager)
     except Exception as exc:  # the harness raises many types for unknown tasks and missing data
         raise DataError(
             f"lm-eval could not load task(s) {', '.join(tasks)}: {type(exc).__name__}: {exc}. "
             "Check the task names and that their data is available offline."
         ) from exc
-    results = lm_eval.evaluator.evaluate(
-        lm=_harness_model(model, tokenizer, max_length), task_dict=task_dict, limit=limit
+    results = harness_evaluate(
+        lm=_harness_model(model, tokenizer, max_length),
+        task_dict=task_dict,
+        limit=limit,
+        bootstrap_iters=0,
+        log_samples=False,
+        verbosity="WARNING",
     )
     return results.get("results", {}) if results else {}

@@ -322,3 +322,40 @@ def test_eval_tasks_without_lm_eval(chat_llama, tmp_path):
         app, ["eval", "--student", directory, "--teacher", directory, "--tasks", "hellaswag"]
     )
     assert isinstance(result.exception, DataError) and "lm-eval" in str(result.exception)
+
+
+@pytest.mark.slow  # importing the harness and its datasets stack takes a minute on 2 cores
+def test_lm_eval_task_on_local_data(chat_llama, tmp_path):
+    pytest.importorskip("lm_eval")
+    from mmdistill.evaluation import run_lm_eval
+
+    directory, _, teacher = chat_llama
+    rows = [
+        {"question": "And God said, Let there be", "choices": [" light", " dark"], "answer": 0},
+        {"question": "And God called the light", "choices": [" Night", " Day"], "answer": 1},
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    tokenizer = tokenizer_for(teacher)
+    result = run_lm_eval(teacher, tokenizer, ["tiny_mc"], include_path=tmp_path)["tiny_mc"]
+    # the harness's accuracy equals picking the choice with the higher summed log-likelihood
+    expected = 0
+    for row in rows:
+        scores = []
+        for choice in row["choices"]:
+            ids = tokenizer.encode(row["question"] + choice)
+            n = len(tokenizer.encode(choice, add_special_tokens=False))
+            with torch.no_grad():
+                logp = teacher(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+            scores.append(sum(float(logp[j - 1, ids[j]]) for j in range(len(ids) - n, len(ids))))
+        expected += int(scores.index(max(scores)) == row["answer"])
+    assert result["acc,none"] == pytest.approx(expected / len(rows))
+    with pytest.raises(DataError, match="could not load"):
+        run_lm_eval(teacher, tokenizer, ["no_such_task_xyz"])

@@ -80,6 +80,9 @@ def eval_command(
         None, "--tasks", help="Comma-separated lm-evaluation-harness tasks (needs lm-eval)."
     ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Examples per --tasks task."),
+    include_path: Path | None = typer.Option(
+        None, "--include-path", help="Directory of extra lm-eval task YAMLs (local data)."
+    ),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -133,7 +136,9 @@ def eval_command(
         harness = {}
         for name, model in (("teacher", teacher_model), ("student", student_model)):
             with err.status(f"lm-eval {','.join(task_list)} on the {name}"):
-                harness[name] = run_lm_eval(model, tokenizer, task_list, limit=limit)
+                harness[name] = run_lm_eval(
+                    model, tokenizer, task_list, limit=limit, include_path=include_path
+                )
         report["lm_eval"] = harness
         table = Table(title="lm-evaluation-harness")
         for col in ("task", "metric", "teacher", "student"):
