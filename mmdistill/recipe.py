@@ -65,7 +65,10 @@ class StudentSpec(_Strict):
     def _layout(cls, value):
         from .layout import parse_attention_layers
 
-        parse_attention_layers(value, 1 << 30)  # syntax only: the layer count needs the teacher
+        # Syntax only (the layer count comes with the teacher); every:K is checked on one layer
+        # so that no range of 2**30 indices is built.
+        every = isinstance(value, str) and value.strip().lower().startswith("every:")
+        parse_attention_layers(value, 1 if every else 1 << 30)
         return value
 
     @field_validator("mixer")

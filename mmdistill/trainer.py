@@ -15,8 +15,9 @@ Processes. Under ``accelerate launch`` every process runs this code; plain PyTor
 ``distributed.deepspeed`` a DeepSpeed engine per stage built from the recipe's ZeRO JSON (its
 ``"auto"`` fields filled from the stage). The frozen teacher gets no optimiser: with ZeRO-1/2 it
 is wrapped with ZeRO stage 0 (replicated), with ZeRO-3 sharded like the student (TRL's
-``prepare_deepspeed`` pattern). Under ZeRO-3 the mixers and the front-end are leaf modules (their
-forward reads child weights directly). Between stages the full float32 weights are gathered and
+``prepare_deepspeed`` pattern). Under ZeRO-3 the mixers are *not* marked as leaf modules:
+their forward reads child weights directly, which ZeRO-3 gathers on access, while with
+``set_z3_leaf_modules`` the backward pass failed (DeepSpeed 0.19.8). Between stages the full float32 weights are gathered and
 the student is rebuilt, so each stage starts from a plain module.
 
 Checkpoints (GUIDE §6) go to ``output_dir/checkpoints/ckpt-SS-NNNNNNNN-NAME``: written under a
@@ -303,18 +304,38 @@ class Distiller:
                 shapes = shapes_dataset(data.shapes, data.cache_dir)
         return ctx, shapes
 
+    def _init_deepspeed(self) -> None:
+        """Let DeepSpeed use the process group accelerate made, or make a one-process group."""
+        import deepspeed
+
+        if not dist.is_initialized():
+            import socket
+
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            for key, value in (
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", str(port)),
+                ("RANK", "0"),
+                ("LOCAL_RANK", "0"),
+                ("WORLD_SIZE", "1"),
+            ):
+                os.environ.setdefault(key, value)
+        deepspeed.init_distributed(auto_mpi_discovery=False)
+
     def _wrap_teacher(self, teacher: DecoderLM):
-        runner = TeacherForward(teacher)
+        runner = TeacherForward(teacher, capture_with_hooks=self.deepspeed and self.zero_stage == 3)
         if not self.deepspeed:
             return runner
         import deepspeed
+
+        self._init_deepspeed()
 
         config = self._ds_config(self.recipe.stages[0], teacher)
         config.pop("gradient_clipping", None)
         if self.zero_stage != 3:
             config["zero_optimization"] = {"stage": 0}
-        else:
-            self._mark_leaves(runner, teacher)
         engine, *_ = deepspeed.initialize(model=runner, config=config)
         engine.eval()
         return engine
@@ -346,16 +367,6 @@ class Distiller:
                     zero.pop(key)
         config["zero_optimization"] = zero
         return {k: v for k, v in config.items() if v != "auto"}
-
-    def _mark_leaves(self, module: torch.nn.Module, model: DecoderLM) -> None:
-        from deepspeed.utils import set_z3_leaf_modules
-
-        from .mixer import Mamba2Mixer
-
-        classes = [type(model.front)]
-        if model.mixer_layers():
-            classes.append(Mamba2Mixer)
-        set_z3_leaf_modules(module, classes)
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -612,8 +623,6 @@ class Distiller:
                 for n, p in student.named_parameters()
                 if not p.requires_grad
             }
-            if self.zero_stage == 3:
-                self._mark_leaves(objective, student)
             engine, optimizer, _, scheduler = deepspeed.initialize(
                 model=objective,
                 optimizer=optimizer,

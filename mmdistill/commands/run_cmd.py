@@ -7,6 +7,9 @@ anything is loaded, naming the key (exit 2). ``run --json`` prints one JSON repo
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 import typer
@@ -16,6 +19,22 @@ RECIPE_HELP = "Recipe YAML (see recipes/ and docs/distillation.md)."
 OVERRIDES_HELP = (
     "Overrides as key=value with dotted paths, e.g. output_dir=runs/x stages.0.lr=1e-3."
 )
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send everything written to stdout (Python or native code) to stderr for a while, so that
+    libraries that print (DeepSpeed does) cannot corrupt the ``--json`` document."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def run_command(
@@ -32,7 +51,8 @@ def run_command(
     from ..trainer import distill
 
     loaded = load_recipe(recipe, overrides or [])
-    report = distill(loaded, resume=resume, console=err)
+    with stdout_to_stderr():
+        report = distill(loaded, resume=resume, console=err)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
