@@ -15,8 +15,16 @@ Because the conv is depthwise, repeating x/B channels per group gives exactly a 
 Mamba-2 mixer (``in_proj = [z | x | B | C | dt]``), which is how students export.
 
 The mixer takes an optional :class:`MixerState` (conv window + SSM state) that it advances in
-place, for chunked prefill and one- or few-token decode, and a padding mask so left-padded
-batches give the same outputs on their real tokens as unpadded rows.
+place (its tensors keep their storage, so a CUDA graph captured over a decode step stays valid
+across prefills), for chunked prefill and one- or few-token decode, and a padding mask so
+left-padded batches give the same outputs on their real tokens as unpadded rows.
+
+Two paths compute the same function. The reference path (any device, ``backend`` torch/naive,
+or triton with ``use_fused_kernels = False``) is plain PyTorch around :func:`~mmdistill.kernels.ssd`.
+The fused path (backend resolving to ``triton``: CUDA with mamba-ssm) reads the packed
+in-projection once: a Triton conv kernel writes x/B/C straight into the SSD kernel's layout,
+mamba-ssm's chunked scan and gated RMSNorm follow, and a decode step is two Triton kernels
+between the in- and out-projections (:mod:`mmdistill.kernels.triton_fused`).
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import BACKENDS, check_backend, ssd, ssd_step
+from .kernels import BACKENDS, check_backend, resolve_backend, ssd, ssd_step
+from .kernels import fused as fused_kernels
+from .kernels import triton as triton_backend
 
 GATE_ORDERS = ("before_norm", "after_norm")
 
@@ -151,9 +161,32 @@ class MixerState:
         )
 
     def select(self, index: torch.Tensor) -> None:
-        """Reorder/select batch rows in place (beam search, dropping finished rows)."""
+        """Reorder/select batch rows (beam search, dropping finished rows); new tensors."""
         self.conv = self.conv.index_select(0, index)
         self.ssm = self.ssm.index_select(0, index)
+
+    def reset(self) -> None:
+        """Zero the state in place (a fresh sequence, same buffers)."""
+        self.conv.zero_()
+        self.ssm.zero_()
+
+    def copy_(self, other: MixerState) -> None:
+        """Copy ``other``'s state into these tensors in place (a batch-1 state is broadcast)."""
+        self.conv.copy_(other.conv.expand_as(self.conv))
+        self.ssm.copy_(other.ssm.expand_as(self.ssm))
+
+
+def _assign_(current: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The next value of a state tensor: written into ``current`` (same storage) when shapes and
+    dtypes agree and no gradient is being recorded, else a detached copy of ``new``.
+
+    In place keeps CUDA graphs captured over a decode step valid; with autograd on, the old
+    tensor may still be needed by a backward pass, so it is left untouched.
+    """
+    new = new.detach()
+    if not torch.is_grad_enabled() and current.shape == new.shape and current.dtype == new.dtype:
+        return current.copy_(new)
+    return new.clone()
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -184,7 +217,13 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.zeros(h)) if c.use_D else None
         self.norm_weight = nn.Parameter(torch.ones(h * p))
         self.out_proj = nn.Linear(h * p, c.hidden_size, bias=c.out_bias)
+        self._packed_weight: torch.Tensor | None = None
+        self._packed_bias: torch.Tensor | None = None
         self.reset_new_parameters()
+
+    # Fused CUDA kernels when the backend resolves to "triton"; False forces the reference path
+    # there too (benchmarks compare the two).
+    use_fused_kernels: bool = True
 
     @torch.no_grad()
     def reset_new_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -203,23 +242,65 @@ class Mamba2Mixer(nn.Module):
         nn.init.xavier_uniform_(self.z_proj.weight, gain=2**-2.5, generator=generator)
         self.norm_weight.fill_(1.0)
 
-    def _in_proj(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One GEMM for all five projections (weights concatenated on the fly)."""
-        mods = (self.z_proj, self.x_proj, self.b_proj, self.c_proj, self.dt_proj)
+    def _in_modules(self) -> tuple[nn.Linear, ...]:
+        """The five input projections in packed order ``[z | x | B | C | dt]``."""
+        return (self.z_proj, self.x_proj, self.b_proj, self.c_proj, self.dt_proj)
+
+    @torch.no_grad()
+    def pack_projections(self) -> None:
+        """Store the five input projections in one ``[h*p + conv_dim + h, hidden]`` buffer.
+
+        Each projection's weight (and bias) becomes a view into the buffer, so inference reads
+        one matrix with no per-call concatenation and no second copy of the weights. Gradients
+        still reach each parameter (training concatenates as before). Moving the module
+        (``.to``), or loading a state dict, unpacks it; call again afterwards. For inference
+        and benchmarks on CUDA: on CPU the shared storage would stop safetensors from saving.
+        """
+        mods = self._in_modules()
         weight = torch.cat([m.weight for m in mods])
         bias = None
         if self.config.qkv_bias:
             bias = torch.cat(
-                [
-                    weight.new_zeros(self.z_proj.out_features),
-                    self.x_proj.bias,
-                    self.b_proj.bias,
-                    self.c_proj.bias,
-                    weight.new_zeros(self.dt_proj.out_features),
-                ]
+                [m.bias if m.bias is not None else weight.new_zeros(m.out_features) for m in mods]
             )
-        out = F.linear(u, weight, bias)
-        return out.split([m.out_features for m in mods], dim=-1)
+        start = 0
+        for m in mods:
+            stop = start + m.out_features
+            m.weight.data = weight[start:stop]
+            if bias is not None and m.bias is not None:
+                m.bias.data = bias[start:stop]
+            start = stop
+        self._packed_weight, self._packed_bias = weight, bias
+
+    def _apply(self, fn, recurse=True):
+        self._packed_weight = self._packed_bias = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed_weight = self._packed_bias = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _packed_in_proj(self, u: torch.Tensor) -> torch.Tensor:
+        """``[b, l, h*p + conv_dim + h]`` = ``u`` through all five projections in one GEMM."""
+        mods = self._in_modules()
+        weight, bias = self._packed_weight, self._packed_bias
+        needs_grad = torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods)
+        if weight is None or needs_grad:
+            weight = torch.cat([m.weight for m in mods])
+            bias = None
+            if self.config.qkv_bias:
+                bias = torch.cat(
+                    [
+                        m.bias if m.bias is not None else weight.new_zeros(m.out_features)
+                        for m in mods
+                    ]
+                )
+        return F.linear(u, weight, bias)
+
+    def _in_proj(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One GEMM for all five projections, split into z, x, B, C, dt."""
+        out = self._packed_in_proj(u)
+        return out.split([m.out_features for m in self._in_modules()], dim=-1)
 
     def _conv(self, xbc: torch.Tensor, state: MixerState | None) -> torch.Tensor:
         """Causal depthwise conv + SiLU over ``xbc`` ``[b, l, conv_dim]``; advances ``state``."""
@@ -228,7 +309,7 @@ class Mamba2Mixer(nn.Module):
         if state is not None:
             seq = torch.cat([state.conv.to(seq.dtype), seq], dim=-1)
             if k > 1:
-                state.conv = seq[..., -(k - 1) :].detach().clone()
+                state.conv = _assign_(state.conv, seq[..., -(k - 1) :])
         else:
             seq = F.pad(seq, (k - 1, 0))
         out = F.conv1d(seq, self.conv1d.weight, self.conv1d.bias, groups=self.config.conv_dim)
@@ -269,12 +350,23 @@ class Mamba2Mixer(nn.Module):
         Returns:
             ``[b, l, hidden]``.
         """
+        backend = check_backend(backend or self.config.backend)
+        if self.use_fused_kernels and resolve_backend(backend, hidden_states.device) == "triton":
+            return self._forward_fused(hidden_states, state, mask)
+        return self._forward_reference(hidden_states, state, mask, backend)
+
+    def _forward_reference(
+        self,
+        hidden_states: torch.Tensor,
+        state: MixerState | None,
+        mask: torch.Tensor | None,
+        backend: str,
+    ) -> torch.Tensor:
+        """The PyTorch path around :func:`~mmdistill.kernels.ssd` (arguments as ``forward``)."""
         c = self.config
-        backend = check_backend(backend or c.backend)
         b, l, _ = hidden_states.shape
         h, g, p, n = c.num_heads, c.num_kv_heads, c.head_dim, c.d_state
-        z, x, B, C, dt = self._in_proj(hidden_states)
-        xbc = torch.cat([x, B, C], dim=-1)
+        z, xbc, dt = self._packed_in_proj(hidden_states).split([h * p, c.conv_dim, h], dim=-1)
         keep = None
         if mask is not None:
             keep = mask.to(xbc.dtype)[..., None]
@@ -288,9 +380,9 @@ class Mamba2Mixer(nn.Module):
         if mask is not None:
             dt = dt * mask.to(dt.dtype)[..., None]
         A = -torch.exp(at_least_fp32(self.A_log))
-        x = x.view(b, l, g, p).repeat_interleave(h // g, dim=2)
-        B = B.view(b, l, g, n)
-        C = C.view(b, l, h, n)
+        x = x.reshape(b, l, g, p).repeat_interleave(h // g, dim=2)
+        B = B.reshape(b, l, g, n)
+        C = C.reshape(b, l, h, n)
         D = self.D
         if state is not None and l == 1:
             y = ssd_step(
@@ -318,10 +410,144 @@ class Mamba2Mixer(nn.Module):
                 chunk_size=c.chunk_size,
                 backend=backend,
             )
-            state.ssm = final.detach()
+            state.ssm = _assign_(state.ssm, final)
         else:
             y = ssd(
                 x, dt, A, B, C, D=D, dt_softplus=False, chunk_size=c.chunk_size, backend=backend
             )
         y = self._gated_norm(y.reshape(b, l, h * p), z)
         return self.out_proj(y)
+
+    def _forward_fused(
+        self, hidden_states: torch.Tensor, state: MixerState | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The CUDA path: packed in-projection, Triton conv, mamba-ssm SSD and gated norm."""
+        c = self.config
+        b, l, _ = hidden_states.shape
+        h, p = c.num_heads, c.head_dim
+        zxbcdt = self._packed_in_proj(hidden_states)
+        if state is not None and l == 1 and mask is None and self._can_decode_fused(state):
+            return self.out_proj(self._decode_fused(zxbcdt[:, 0], state)[:, None])
+        z, xbc, dt = zxbcdt.split([h * p, c.conv_dim, h], dim=-1)
+        keep = None
+        if mask is not None:
+            keep = mask.to(xbc.dtype)[..., None]
+            xbc = xbc * keep
+        x, B, C = self._conv_fused(xbc, state)
+        if keep is not None:
+            x, B, C = (t * keep[..., None] for t in (x, B, C))
+        y = self._ssd_stage(x, B, C, dt, mask, state)
+        y = triton_backend.gated_rmsnorm_triton(
+            y.view(b, l, h * p),
+            z,
+            self.norm_weight,
+            c.norm_eps,
+            p,
+            gate_before=c.gate_order == "before_norm",
+        )
+        return self.out_proj(y)
+
+    def _conv_fused(
+        self, xbc: torch.Tensor, state: MixerState | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Triton conv + SiLU of ``xbc`` ``[b, l, conv_dim]`` into x ``[b, l, h, p]``, B and C
+        ``[b, l, h, n]`` (x and B repeated over the group); advances ``state.conv``."""
+        from .kernels.triton_fused import conv_silu_expand
+
+        c = self.config
+        k = c.conv_kernel
+        initial = None if state is None or k == 1 else state.conv
+        if initial is not None and torch.is_grad_enabled():
+            initial = initial.clone()  # the kernel's backward reads it after the update below
+        out = conv_silu_expand(
+            xbc,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            initial,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.d_state,
+        )
+        if state is not None and k > 1:
+            tail = xbc[:, -(k - 1) :].transpose(1, 2)
+            if tail.shape[-1] < k - 1:
+                tail = torch.cat([state.conv.to(tail.dtype), tail], dim=-1)[..., -(k - 1) :]
+            state.conv = _assign_(state.conv, tail)
+        return out
+
+    def _ssd_stage(
+        self,
+        x: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        dt: torch.Tensor,
+        mask: torch.Tensor | None,
+        state: MixerState | None,
+    ) -> torch.Tensor:
+        """The fused path's SSD step: dt and A, then mamba-ssm's chunked scan.
+
+        Args:
+            x: ``[b, l, h, p]``; B, C: ``[b, l, h, n]`` (the conv kernel's layout).
+            dt: ``[b, l, h]`` raw step sizes (before ``dt_bias`` and softplus).
+            mask: ``[b, l]`` padding mask or ``None``; state: advanced in place when given.
+
+        Returns:
+            ``y`` ``[b, l, h, p]`` in ``x.dtype``.
+        """
+        c = self.config
+        dt = F.softplus(at_least_fp32(dt) + at_least_fp32(self.dt_bias))
+        if mask is not None:
+            dt = dt * mask.to(dt.dtype)[..., None]
+        A = -torch.exp(at_least_fp32(self.A_log))
+        if state is None:
+            return triton_backend.ssd_triton(
+                x, dt, A, B, C, chunk_size=c.chunk_size, D=self.D, dt_softplus=False
+            )
+        initial = state.ssm.clone() if torch.is_grad_enabled() else state.ssm
+        y, final = triton_backend.ssd_triton(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            chunk_size=c.chunk_size,
+            D=self.D,
+            dt_softplus=False,
+            initial_state=initial,
+            return_final_state=True,
+        )
+        state.ssm = _assign_(state.ssm, final)
+        return y
+
+    def _can_decode_fused(self, state: MixerState) -> bool:
+        """The Triton decode step needs a float32 state and no gradient through the step."""
+        if state.ssm.dtype != torch.float32 or state.ssm.stride(-1) != 1:
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def _decode_fused(self, zxbcdt: torch.Tensor, state: MixerState) -> torch.Tensor:
+        """Two Triton kernels from the packed projection ``[b, total]`` to ``[b, h*p]``."""
+        c = self.config
+        args = (
+            zxbcdt,
+            state.conv,
+            state.ssm,
+            self.conv1d.weight,
+            self.conv1d.bias,
+            self.dt_bias,
+            self.A_log,
+            self.D,
+            self.norm_weight,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.d_state,
+            c.norm_eps,
+            c.gate_order == "before_norm",
+        )
+        if torch.compiler.is_compiling():
+            return fused_kernels.mixer_decode_step(*args)  # opaque custom op for the compiler
+        from .kernels.triton_fused import mixer_decode_step
+
+        return mixer_decode_step(*args)
