@@ -770,7 +770,7 @@ class Distiller:
             out = self._micro_step(model, teacher, batch, layers, logits)
             loss = out["loss"]
             if not self._all_finite(loss.detach()):
-                raise self._stop(stage, step + 1, "loss", float(loss))
+                raise self._stop(stage, step + 1, "loss", float(loss.detach()))
             if engine is not None:
                 engine.backward(loss)
                 engine.step()

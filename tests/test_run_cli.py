@@ -1,0 +1,142 @@
+"""``mmdistill run`` / ``mmdistill validate``: exit codes, early recipe errors, the JSON report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmdistill
+from mmdistill.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cli(monkeypatch, *args: str) -> int:
+    monkeypatch.setattr(sys, "argv", ["mmdistill", *args])
+    try:
+        main()
+    except SystemExit as exc:
+        return 0 if exc.code is None else exc.code
+    return 0
+
+
+@pytest.fixture
+def no_teacher(monkeypatch):
+    """Fail the test if anything tries to load a teacher."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(mmdistill, "load_teacher", forbidden)
+    monkeypatch.setattr(mmdistill.teachers, "load_teacher", forbidden)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_validate_shipped_recipes(path, monkeypatch, capfd, no_teacher):
+    monkeypatch.chdir(ROOT)
+    assert cli(monkeypatch, "validate", str(path.relative_to(ROOT)), "--json") == 0
+    out, err = capfd.readouterr()
+    document = json.loads(out)
+    assert document["stages"] and document["teacher"]
+    assert "valid" in err
+
+
+@pytest.mark.parametrize("command", ["run", "validate"])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["stages.0.lr=abc"], "stages.0.lr: Input should be a valid number"),
+        (["stages.1.loss.kl_weight=-1"], "stages.1.loss.kl_weight: Input should be greater"),
+        (["stages.9.lr=1"], "stages.9: index 9 is out of range"),
+        (["data.shapez={}"], "data.shapez: unknown key"),
+    ],
+)
+def test_malformed_recipe_exits_2_before_the_teacher(
+    monkeypatch, capfd, no_teacher, tmp_path, command, extra, message
+):
+    code = cli(monkeypatch, command, str(ROOT / "recipes" / "tiny.yaml"), *extra)
+    out, err = capfd.readouterr()
+    assert code == 2
+    assert message in " ".join(err.split())
+    assert "Traceback" not in err and out == ""
+
+
+def test_malformed_file_and_missing_data_exit_2(monkeypatch, capfd, no_teacher, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "recipes" / "tiny.yaml").read_text().replace("lr: 1.0e-2", "lrate: 1"))
+    assert cli(monkeypatch, "run", str(bad)) == 2
+    assert "stages.0.lrate: unknown key" in " ".join(capfd.readouterr().err.split())
+    code = cli(
+        monkeypatch,
+        "run",
+        str(ROOT / "recipes" / "tiny.yaml"),
+        f"output_dir={tmp_path / 'out'}",
+        "data.train=[{source: missing.jsonl}]",
+    )
+    assert code == 2
+    err = " ".join(capfd.readouterr().err.split())
+    assert "data.train.0.source: file not found: missing.jsonl" in err
+    assert not (tmp_path / "out").exists()
+
+
+def common(tmp_path: Path) -> list[str]:
+    return [
+        str(ROOT / "recipes" / "tiny.yaml"),
+        f"output_dir={tmp_path / 'out'}",
+        f"data.cache_dir={tmp_path / 'data'}",
+        "data.shapes={n_train: 16, n_eval: 4, text_lines: 50}",
+        "stages.0.steps=2",
+        "stages.1.steps=2",
+        "stages.2.steps=2",
+    ]
+
+
+def test_run_json_prints_one_document(monkeypatch, capfd, tmp_path):
+    assert cli(monkeypatch, "run", *common(tmp_path), "--json") == 0
+    out, err = capfd.readouterr()
+    report = json.loads(out)  # the whole of stdout is one JSON document
+    assert report["student_dir"] == str(tmp_path / "out" / "student")
+    assert [s["name"] for s in report["stages"]] == [
+        "stage1-layer-alignment",
+        "stage2-hidden-matching",
+        "stage3-end-to-end",
+    ]
+    for stage in report["stages"]:
+        assert {"name", "initial_loss", "final_loss", "steps", "tokens", "seconds"} <= set(stage)
+        assert stage["steps"] == 2 and stage["tokens"] > 0
+    assert "distilled student" in err
+    mmdistill.load_student(report["student_dir"])
+    # a second run into the same directory needs --resume; with it, nothing is left to do
+    assert cli(monkeypatch, "run", *common(tmp_path)) == 2
+    assert "already holds a run; pass --resume" in " ".join(capfd.readouterr().err.split())
+    assert cli(monkeypatch, "run", *common(tmp_path), "--resume", "--json") == 0
+    again = json.loads(capfd.readouterr().out)
+    assert [s["final_loss"] for s in again["stages"]] == [s["final_loss"] for s in report["stages"]]
+
+
+def test_non_finite_loss_exits_3(monkeypatch, capfd, tmp_path):
+    import mmdistill.stages as stages
+
+    monkeypatch.setattr(stages, "layer_mse", lambda *a: torch.tensor(float("inf")))
+    assert cli(monkeypatch, "run", *common(tmp_path)) == 3
+    err = " ".join(capfd.readouterr().err.split())
+    assert "step 1: the loss is not finite (inf)" in err
+    assert "no checkpoint had been written yet" in err
+
+
+def test_resume_without_checkpoint_exits_2(monkeypatch, capfd, tmp_path, no_teacher):
+    assert cli(monkeypatch, "run", *common(tmp_path), "--resume") == 2
+    assert "--resume: no complete checkpoint" in " ".join(capfd.readouterr().err.split())
