@@ -216,9 +216,11 @@ class SequenceStream:
             if sample is None:
                 misses += 1
                 if misses > 1000 and not ids:
+                    bad = sum(sum(src.skipped.values()) for src in self.sources)
                     raise DataError(
-                        "1000 records in a row were skipped (bad images or too long for "
-                        f"seq_len {self.seq_len}); check the data"
+                        f"1000 records in a row were skipped ({sum(self.too_long.values())} so "
+                        f"far too long for data.seq_len {self.seq_len} with their images, {bad} "
+                        "with bad images); raise data.seq_len or check the data"
                     )
                 continue
             misses = 0

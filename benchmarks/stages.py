@@ -1,0 +1,236 @@
+"""Throughput of the distillation stages at HoVLE-2.6B shapes (random weights) on one GPU.
+
+Builds a random HoVLE-2.6B-shaped teacher (8 embedding-module + 24 LLM layers, width 2048,
+16 heads / 8 KV heads of 128, MLP 8192, vocabulary 92553) in bfloat16, seeds a student (linear by
+default), and times full optimiser steps of the trainer's own pieces
+(:class:`~mmdistill.stages.TeacherForward`, :class:`~mmdistill.stages.DistillObjective`, AdamW,
+float32 master weights with bf16 autocast) on text batches of ``--seq`` tokens:
+
+* stage 1 (layer-wise MSE, trains ``ssm``) and stage 2 (layer-wise MSE, trains ``ssm, qkv``):
+  one teacher forward to the last converted layer plus every mixer's forward and backward;
+* stage 3 (end-to-end KL, trains ``ssm, qkv``): teacher forward with logits plus the student's
+  forward and backward; model-FLOPs utilisation counts ``8 N`` FLOPs per token (teacher forward
+  ``2N`` + student forward and backward ``6N``) against ``--peak`` FLOP/s (989e12: H100/H200 dense
+  bf16), with ``N`` the student's parameters less the input embedding table (a lookup).
+
+Usage::
+
+    python benchmarks/stages.py --out bench.json            # on a GPU
+    python benchmarks/stages.py --small --seq 64 --steps 1  # a smoke run on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+import mmdistill
+from mmdistill.decoder import StackConfig
+from mmdistill.model import DecoderLM, LMConfig
+from mmdistill.recipe import LossSpec
+from mmdistill.stages import DistillObjective, TeacherForward, set_trainable
+from mmdistill.teachers.hovle_vision import HoVLEVisionConfig
+
+HOVLE_2_6B = dict(
+    hidden=2048,
+    heads=16,
+    kv_heads=8,
+    head_dim=128,
+    mlp=8192,
+    emb_layers=8,
+    llm_layers=24,
+    vocab=92553,
+)
+SMALL = dict(
+    hidden=64, heads=4, kv_heads=2, head_dim=16, mlp=128, emb_layers=1, llm_layers=2, vocab=384
+)
+
+
+def hovle_config(
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    mlp: int,
+    emb_layers: int,
+    llm_layers: int,
+    vocab: int,
+) -> LMConfig:
+    """A HoVLE-format model config (holistic-embedding front-end, two InternLM2 stacks)."""
+
+    def stack(name: str, layers: int, scaling: dict | None) -> StackConfig:
+        return StackConfig(
+            name=name,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            intermediate_size=mlp,
+            rms_norm_eps=1e-5,
+            rope_theta=1e6,
+            rope_scaling=scaling,
+            max_position_embeddings=32768,
+        )
+
+    vision = HoVLEVisionConfig(
+        hidden_size=hidden,
+        llm_vocab_size=vocab,
+        image_size=448,
+        patch_size=14,
+        downsample_ratio=0.5,
+        img_context_token_id=vocab - 7,
+    )
+    return LMConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        stacks=[
+            stack("embedding", emb_layers, None),
+            stack("llm", llm_layers, {"type": "dynamic", "factor": 2.0}),
+        ],
+        front_end={
+            "type": "hovle",
+            "vision": asdict(vision),
+            "num_image_token": vision.num_image_token,
+            "force_image_size": 448,
+            "template": "internlm2-chat",
+            "downsample_ratio": 0.5,
+        },
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_stage(
+    teacher: DecoderLM,
+    student: DecoderLM,
+    roles: list[str],
+    loss: LossSpec,
+    seq: int,
+    batch: int,
+    steps: int,
+    warmup: int,
+    checkpointing: bool,
+) -> dict:
+    """Median seconds per optimiser step (one micro-batch) of a stage, and peak memory."""
+    device = teacher.device
+    set_trainable(student, roles)
+    student.train()
+    student.gradient_checkpointing = checkpointing
+    objective = DistillObjective(student, loss, checkpoint_mixers=checkpointing)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    runner = TeacherForward(teacher)
+    layers = student.mixer_layers() if loss.mse_weight > 0 else []
+    g = torch.Generator(device="cpu").manual_seed(0)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        ids = torch.randint(0, teacher.config.vocab_size - 8, (batch, seq), generator=g)
+        ids = ids.to(device)
+        mask = torch.ones_like(ids)
+        sync(device)
+        start = time.perf_counter()
+        pairs, logits = runner(ids, mask, None, layers, not loss.layerwise)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = objective(ids, mask, None, pairs, logits)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        del pairs, logits, out
+    times.sort()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    del optimizer, params
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "seconds_per_step": times[len(times) // 2],
+        "tokens_per_second": batch * seq / times[len(times) // 2],
+        "peak_memory_gib": peak,
+        "gradient_checkpointing": checkpointing,
+        "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+    }
+
+
+def run_with_fallback(*args) -> dict:
+    """Time a stage; if it runs out of GPU memory, again with gradient checkpointing."""
+    try:
+        return time_stage(*args, False)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return time_stage(*args, True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=8192, help="tokens per sequence")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per stage")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per stage")
+    parser.add_argument(
+        "--layout", default="none", help="student attention layers (every:4 = hybrid)"
+    )
+    parser.add_argument("--peak", type=float, default=989e12, help="peak bf16 FLOP/s for the MFU")
+    parser.add_argument("--small", action="store_true", help="a tiny model (smoke test)")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    config = hovle_config(**(SMALL if args.small else HOVLE_2_6B))
+    with torch.device(device):
+        teacher = DecoderLM(config).to(torch.bfloat16).eval()
+    teacher.requires_grad_(False)
+    student = mmdistill.seed(teacher, attention_layers=args.layout).float()
+    n_total = sum(p.numel() for p in student.parameters())
+    n_flops = n_total - student.front.llm_text_embeddings.weight.numel()
+    from mmdistill.kernels import resolve_backend
+
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "ssd_backend": resolve_backend("auto", device),
+        "seq": args.seq,
+        "batch": args.batch,
+        "layout": args.layout,
+        "layers": config.num_layers,
+        "converted_layers": len(student.mixer_layers()),
+        "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+        "student_parameters": n_total,
+        "mfu_parameters": n_flops,
+        "stages": {},
+    }
+    stages = {
+        "stage1": (["ssm"], LossSpec(mse_weight=1000)),
+        "stage2": (["ssm", "qkv"], LossSpec(mse_weight=1000)),
+        "stage3": (["ssm", "qkv"], LossSpec(kl_weight=1.0)),
+    }
+    for name, (roles, loss) in stages.items():
+        stats = run_with_fallback(
+            teacher, student, roles, loss, args.seq, args.batch, args.steps, args.warmup
+        )
+        if name == "stage3":
+            flops = 8 * n_flops * stats["tokens_per_second"]
+            stats["model_tflops"] = flops / 1e12
+            stats["mfu"] = flops / args.peak
+        result["stages"][name] = stats
+        print(f"{name}: {json.dumps(stats)}", file=sys.stderr, flush=True)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
