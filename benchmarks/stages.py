@@ -126,7 +126,7 @@ def time_stage(
     student.gradient_checkpointing = checkpointing
     objective = DistillObjective(student, loss, checkpoint_mixers=checkpointing)
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     runner = TeacherForward(teacher)
     layers = student.mixer_layers() if loss.mse_weight > 0 else []
     g = torch.Generator(device="cpu").manual_seed(0)

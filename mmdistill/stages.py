@@ -120,6 +120,9 @@ def kl_per_token(
 ) -> torch.Tensor:
     """KL(teacher || student) per token, summed over the vocabulary and averaged over tokens.
 
+    Computed as ``sum p_t log p_t - sum p_t log p_s`` with the teacher's terms outside the
+    autograd graph, so only the student's log-softmax is kept for the backward pass.
+
     Args:
         student_logits, teacher_logits: ``[b, l, vocab]``.
         mask: ``[b, l]`` 1 for tokens that count, or ``None``.
@@ -129,9 +132,19 @@ def kl_per_token(
         Scalar float32 (nats per token).
     """
     t = temperature
-    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1) * (t * t)
+    student = student_logits.float()
+    with torch.no_grad():
+        teacher = teacher_logits.float()
+        if t != 1.0:
+            teacher = teacher / t
+        log_t = F.log_softmax(teacher, dim=-1)
+        p_t = log_t.exp()
+        neg_entropy = (p_t * log_t).sum(-1)
+        del teacher, log_t
+    if t != 1.0:
+        student = student / t
+    cross = (p_t * F.log_softmax(student, dim=-1)).sum(-1)
+    kl = (neg_entropy - cross) * (t * t)
     if mask is None:
         return kl.mean()
     mask = mask.to(kl.dtype)

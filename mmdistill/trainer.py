@@ -609,6 +609,7 @@ class Distiller:
             lr=stage.lr,
             betas=stage.betas,
             eps=stage.eps,
+            fused=self.device.type == "cuda" and not self.deepspeed,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_multiplier(stage.schedule, total)

@@ -285,6 +285,10 @@ def test_mixture_weights_and_epochs():
     assert Mixture([10, 30], [3.0, 1.0], seed=5).next() == draws[0]
     other = Mixture([10, 30], [3.0, 1.0], seed=6)
     assert [other.next() for _ in range(20)] != draws[:20]
+    # (data seed, stage) tuples: flat entropy (numpy 2 refuses nested sequences), distinct orders
+    stage1, stage2 = Mixture([10], [1.0], seed=(0, 1)), Mixture([10], [1.0], seed=(0, 2))
+    assert [stage1.next() for _ in range(10)] != [stage2.next() for _ in range(10)]
+    assert Mixture([10], [1.0], seed=(0, 1)).next() == Mixture([10], [1.0], seed=[0, 1]).next()
 
 
 def batches(iterator, n):

@@ -121,15 +121,16 @@ class Mixture:
     Args:
         sizes: records per source.
         weights: relative sampling weights.
-        seed: seed of the order.
+        seed: seed of the order: an int or a tuple of ints (e.g. ``(data.seed, stage)``).
     """
 
-    def __init__(self, sizes: list[int], weights: list[float], seed: int):
+    def __init__(self, sizes: list[int], weights: list[float], seed: int | tuple[int, ...]):
         self.sizes = sizes
         total = float(sum(weights))
         self.probs = np.array([w / total for w in weights])
-        self.seed = seed
-        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 7])))
+        self.seed = (seed,) if isinstance(seed, int) else tuple(int(x) for x in seed)
+        entropy = [*self.seed, 7]
+        self.rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
         self.epoch = [0] * len(sizes)
         self.cursor = [0] * len(sizes)
         self._perms: dict[int, tuple[int, np.ndarray]] = {}
@@ -137,7 +138,7 @@ class Mixture:
     def _perm(self, s: int) -> np.ndarray:
         cached = self._perms.get(s)
         if cached is None or cached[0] != self.epoch[s]:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, s, self.epoch[s]]))
+            rng = np.random.default_rng(np.random.SeedSequence([*self.seed, s, self.epoch[s]]))
             cached = (self.epoch[s], rng.permutation(self.sizes[s]))
             self._perms[s] = cached
         return cached[1]
@@ -172,11 +173,19 @@ class SequenceStream:
         weights: mixture weights.
         seq_len: tokens per sequence.
         packing: pack several samples per sequence.
-        seed: seed of the order.
+        seed: seed of the order (see :class:`Mixture`).
         pad_token_id: id written into padding.
     """
 
-    def __init__(self, sources, weights, seq_len: int, packing: bool, seed: int, pad_token_id: int):
+    def __init__(
+        self,
+        sources,
+        weights,
+        seq_len: int,
+        packing: bool,
+        seed: int | tuple[int, ...],
+        pad_token_id: int,
+    ):
         self.sources = sources
         self.seq_len = seq_len
         self.packing = packing
@@ -338,7 +347,7 @@ def make_iterator(
     shapes: dict[str, Path] | None,
     seq_len: int,
     packing: bool,
-    seed: int,
+    seed: int | tuple[int, ...],
     batch_size: int,
     rank: int = 0,
     world: int = 1,

@@ -45,6 +45,7 @@ COMMON=(
   "data.shapes={n_train: 256, n_eval: 16, text_lines: 500}" data.eval_batches=2
   stages.0.steps=6 stages.1.steps=6 stages.2.steps=6
   stages.0.batch_size=1 stages.1.batch_size=1 stages.2.batch_size=1
+  stages.0.lr=1e-3 stages.1.lr=5e-4 stages.2.lr=5e-5
   checkpoint.every=3 logging.tensorboard=false logging.progress=false
 )
 LAUNCH=(accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no
