@@ -67,9 +67,14 @@ def generate_command(
 ) -> None:
     """Generate an answer with a student or teacher, streaming it to stdout."""
     from ..cli import emit_json, err
-    from ..evaluation import build_generation_prompt, describe, is_student_dir, load_model
+    from ..evaluation import (
+        build_generation_prompt,
+        describe,
+        is_student_dir,
+        load_model,
+        quiet_load_tokenizer,
+    )
     from ..generation import generate
-    from ..tokenizer import load_tokenizer
 
     images = list(image or [])
     for path in images:
@@ -80,7 +85,7 @@ def generate_command(
     with err.status(f"loading {model_dir}"):
         model = load_model(model_dir, dtype=dtype, device=device)
     directory = model_dir if is_student_dir(model_dir) else model.config.teacher["directory"]
-    tokenizer = load_tokenizer(directory)
+    tokenizer = quiet_load_tokenizer(directory)
     ids, pixel_values, stop_ids = build_generation_prompt(
         model, tokenizer, prompt, images, use_template=not raw
     )
