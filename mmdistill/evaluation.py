@@ -8,7 +8,7 @@ sequences, and return plain dicts (the ``--json`` document of ``mmdistill eval``
 ``{"text": ...}`` is a document; ``{"conversations": [...], "image": path | [paths]}`` is a
 conversation in the LLaVA/InternVL convention (``from`` = ``human``/``user``, ``gpt``/``assistant``
 or ``system``; image paths relative to the JSONL file; ``<image>`` in a human turn marks where the
-image goes, and is prepended to the first human turn when absent).
+image goes; when no turn has one, one per image is put before the first human turn).
 
 **What is scored.** Documents are cut into windows of ``seq_len`` tokens; consecutive windows
 share one token, so every token of a document but its first is predicted exactly once, from the
@@ -806,73 +806,71 @@ def evaluate_many(
     n_questions = sum(len(d.questions) for d in prepared) if answers else 0
     work = sum(len(d.sequences) for d in prepared) + n_questions * (1 + len(students))
     bar, advance = _progress(progress, work)
+
+    def answer(model: DecoderLM, questions: Sequence[Question]) -> list[str]:
+        return _answers(
+            model, questions, tokenizer, fmt, batch_size, max_new_tokens, pad_id, advance
+        )
+
     teacher_total = _Sums()
     totals = {name: _Sums() for name in students}
     per_file: dict[str, list[dict[str, Any]]] = {name: [] for name in students}
-    all_refs: list[str] = []
-    all_preds: dict[str, list[str]] = {name: [] for name in [*students, "\0teacher"]}
+    refs: list[str] = []  # over all files, with the answers below
+    teacher_answers: list[str] = []
+    student_answers: dict[str, list[str]] = {name: [] for name in students}
     with bar:
         for data in prepared:
             t_sums, s_sums = _score_file(teacher, students, data, batch_size, pad_id, advance)
             _add(teacher_total, t_sums)
-            refs = [q.reference for q in data.questions] if answers else []
-            preds: dict[str, list[str]] = {}
-            if refs:
-                for name, model in [("\0teacher", teacher), *students.items()]:
-                    preds[name] = _answers(
-                        model,
-                        data.questions,
-                        tokenizer,
-                        fmt,
-                        batch_size,
-                        max_new_tokens,
-                        pad_id,
-                        advance,
-                    )
-                    all_preds[name] += preds[name]
-                all_refs += refs
-            for name in students:
+            questions = data.questions if answers else []
+            file_refs = [q.reference for q in questions]
+            file_teacher = answer(teacher, questions) if questions else []
+            refs += file_refs
+            teacher_answers += file_teacher
+            for name, student in students.items():
                 _add(totals[name], s_sums[name])
+                file_student = answer(student, questions) if questions else []
+                student_answers[name] += file_student
                 entry = {
                     "path": str(data.path),
                     "kind": data.kind,
                     "documents": data.documents,
                     **_metrics(t_sums, s_sums[name]),
-                    "answer_accuracy": _accuracy(refs, preds.get("\0teacher"), preds.get(name)),
+                    "answer_accuracy": _accuracy(file_refs, file_teacher, file_student),
                 }
-                if refs and examples:
+                if questions and examples:
                     entry["examples"] = [
                         {
                             "question": q.question,
                             "reference": q.reference,
-                            "teacher": preds["\0teacher"][i],
-                            "student": preds[name][i],
+                            "teacher": file_teacher[i],
+                            "student": file_student[i],
                         }
-                        for i, q in enumerate(data.questions[:examples])
+                        for i, q in enumerate(questions[:examples])
                     ]
                 per_file[name].append(entry)
     seconds = time.perf_counter() - start_time
-    results = {}
-    for name, student in students.items():
-        results[name] = {
+    return {
+        name: {
             "teacher_layout": describe(teacher),
             "student_layout": describe(student),
             **_metrics(teacher_total, totals[name]),
-            "answer_accuracy": _accuracy(all_refs, all_preds["\0teacher"], all_preds[name]),
+            "answer_accuracy": _accuracy(refs, teacher_answers, student_answers[name]),
             "seq_len": seq_len,
             "max_tokens": max_tokens,
             "seconds": round(seconds, 3),
             "files": per_file[name],
         }
-    return results
+        for name, student in students.items()
+    }
 
 
 def _accuracy(
-    refs: Sequence[str], teacher: Sequence[str] | None, student: Sequence[str] | None
+    refs: Sequence[str], teacher: Sequence[str], student: Sequence[str]
 ) -> dict[str, Any] | None:
     from .data.synthetic import answer_accuracy
 
-    if not refs or teacher is None or student is None:
+    if not refs:
         return None
     return {
         "teacher": answer_accuracy(teacher, refs),
