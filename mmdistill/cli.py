@@ -45,9 +45,9 @@ def _root(
 
 
 def _register() -> None:
-    from .commands import eval_cmd, generate_cmd, run_cmd, seed_cmd
+    from .commands import bench_cmd, eval_cmd, generate_cmd, run_cmd, seed_cmd
 
-    for module in (seed_cmd, eval_cmd, generate_cmd, run_cmd):
+    for module in (seed_cmd, eval_cmd, generate_cmd, run_cmd, bench_cmd):
         module.register(app)
 
 

@@ -169,23 +169,77 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVState:
-    """Growing KV cache of one attention layer: ``k``, ``v`` ``[b, kv_heads, t, head_dim]``."""
+    """KV cache of one attention layer: ``k``, ``v`` ``[b, kv_heads, t, head_dim]``.
+
+    Growing by default (each update concatenates, as transformers' dynamic cache does). Built
+    with :meth:`static`, it writes into preallocated ``[b, kv_heads, capacity, head_dim]``
+    buffers instead, and ``k``/``v`` are views of the filled prefix (no copy per token).
+    """
 
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
+    k_buffer: torch.Tensor | None = None
+    v_buffer: torch.Tensor | None = None
+    length: int = 0
+
+    @classmethod
+    def static(
+        cls, batch: int, kv_heads: int, capacity: int, head_dim: int, device, dtype
+    ) -> KVState:
+        """A preallocated cache for up to ``capacity`` tokens."""
+        if capacity < 1:
+            raise ValueError(f"capacity must be a positive number of tokens; got {capacity}")
+        shape = (batch, kv_heads, capacity, head_dim)
+        return cls(
+            k_buffer=torch.zeros(shape, device=device, dtype=dtype),
+            v_buffer=torch.zeros(shape, device=device, dtype=dtype),
+        )
+
+    @property
+    def capacity(self) -> int | None:
+        """Preallocated length in tokens, or ``None`` for a growing cache."""
+        return None if self.k_buffer is None else self.k_buffer.shape[2]
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:
+        """Append ``k``, ``v`` ``[b, kv_heads, l, head_dim]``; returns everything cached so far."""
+        new = k.shape[2]
+        if self.k_buffer is not None:
+            end = self.length + new
+            if end > self.k_buffer.shape[2]:
+                raise ValueError(
+                    f"static KV cache is full: {self.length} + {new} tokens exceed its capacity "
+                    f"of {self.k_buffer.shape[2]}"
+                )
+            self.k_buffer[:, :, self.length : end] = k
+            self.v_buffer[:, :, self.length : end] = v
+            self.k, self.v = self.k_buffer[:, :, :end], self.v_buffer[:, :, :end]
+        elif self.k is None:
             self.k, self.v = k, v
         else:
             self.k = torch.cat([self.k, k], dim=2)
             self.v = torch.cat([self.v, v], dim=2)
+        self.length += new
         return self.k, self.v
 
     def select(self, index: torch.Tensor) -> None:
-        if self.k is not None:
+        """Reorder/select batch rows (new tensors)."""
+        if self.k_buffer is not None:
+            self.k_buffer = self.k_buffer.index_select(0, index)
+            self.v_buffer = self.v_buffer.index_select(0, index)
+            self.k = self.k_buffer[:, :, : self.length]
+            self.v = self.v_buffer[:, :, : self.length]
+        elif self.k is not None:
             self.k = self.k.index_select(0, index)
             self.v = self.v.index_select(0, index)
+
+    def reset(self) -> None:
+        """Forget every token (a static cache keeps its buffers)."""
+        self.length = 0
+        if self.k_buffer is None:
+            self.k = self.v = None
+        else:
+            self.k = self.k_buffer[:, :, :0]
+            self.v = self.v_buffer[:, :, :0]
 
 
 @dataclass
@@ -310,8 +364,18 @@ def mixer_config_for(hidden_size: int, stack: StackConfig, options: dict | None)
     )
 
 
-def new_layer_state(layer: DecoderLayer, batch: int, device, dtype):
-    """An empty cache entry for ``layer``."""
+def new_layer_state(
+    layer: DecoderLayer, batch: int, device, dtype, max_length: int | None = None
+) -> KVState | MixerState:
+    """An empty cache entry for ``layer``.
+
+    Args:
+        max_length: preallocate attention layers' KV caches for this many tokens (a static
+            cache); ``None`` grows them token by token.
+    """
     if layer.is_attention:
-        return KVState()
+        if max_length is None:
+            return KVState()
+        attn = layer.mixer
+        return KVState.static(batch, attn.num_kv_heads, max_length, attn.head_dim, device, dtype)
     return MixerState.zeros(layer.mixer.config, batch, device, dtype)

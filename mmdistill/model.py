@@ -143,13 +143,17 @@ class LMCache:
         key_mask: ``[b, t]`` real-token mask of everything seen so far (``None`` = no padding).
         next_pos: ``[b]`` RoPE position of the next token of each row.
         seen: tokens consumed so far (padding included).
+        max_length: capacity of the preallocated (static) KV caches, or ``None`` when they grow.
     """
 
-    def __init__(self, model: DecoderLM, batch: int, device, dtype):
-        self.layers = [new_layer_state(layer, batch, device, dtype) for layer in model.layers]
+    def __init__(self, model: DecoderLM, batch: int, device, dtype, max_length: int | None = None):
+        self.layers = [
+            new_layer_state(layer, batch, device, dtype, max_length) for layer in model.layers
+        ]
         self.key_mask: torch.Tensor | None = None
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.seen = 0
+        self.max_length = max_length
 
     def select(self, index: torch.Tensor) -> None:
         for state in self.layers:
@@ -157,6 +161,26 @@ class LMCache:
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, index)
         self.next_pos = self.next_pos.index_select(0, index)
+
+    def reset(self) -> None:
+        """Start a new sequence in the same tensors (recurrent states zeroed in place)."""
+        for state in self.layers:
+            state.reset()
+        self.key_mask = None
+        self.next_pos.zero_()
+        self.seen = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache's tensors (preallocated KV buffers count in full)."""
+        total = 0
+        for state in self.layers:
+            tensors = (
+                (state.k_buffer, state.v_buffer)
+                if getattr(state, "k_buffer", None) is not None
+                else (getattr(state, name, None) for name in ("k", "v", "conv", "ssm"))
+            )
+            total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return total
 
 
 @dataclass

@@ -1,0 +1,136 @@
+"""Greedy decode steps replayed from a captured CUDA graph (optionally ``torch.compile``'d first).
+
+A batch-1 decode step of a 2-3B model is a few hundred small kernels. Launched one by one from
+Python, the GPU waits on the CPU between them and the step takes several times the time needed
+to read the weights once. :class:`GraphDecoder` captures one whole step (embedding, every layer,
+final norm, LM head, argmax) in a CUDA graph over a fixed cache, and replays it. With
+``compile=True`` the step is first compiled by ``torch.compile`` (Inductor fuses the norms and
+element-wise work into a few kernels), then captured.
+
+Only models whose layers are all Mamba-2 mixers qualify: their cache has a fixed shape and the
+mixers update it in place. Attention layers' KV caches grow, so hybrids decode eagerly.
+
+Usage::
+
+    decoder = GraphDecoder(model, batch=1)            # warm-up and capture (state is then reset)
+    logits = decoder.prefill(input_ids, chunk_size=8192)
+    decoder.tokens.copy_(logits.argmax(-1))
+    for _ in range(n):
+        decoder.replay()                              # decoder.logits, decoder.tokens: next step
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .generation import prefill
+from .model import DecoderLM, LMCache
+
+
+class GraphDecoder:
+    """One greedy decode step of an all-Mamba model, captured once and replayed.
+
+    Attributes:
+        cache: the static :class:`~mmdistill.model.LMCache` the graph reads and updates.
+        tokens: ``[b]`` long, the tokens the next replay consumes; each replay overwrites it with
+            the step's argmax (greedy decoding feeds itself).
+        logits: ``[b, vocab]`` output of the last replay (a static buffer, overwritten).
+    """
+
+    def __init__(
+        self, model: DecoderLM, batch: int, *, compile: bool = False, warmup: int = 3
+    ) -> None:
+        """Warm up, capture the step, then reset the cache to an empty sequence.
+
+        Args:
+            model: a model on a CUDA device, every layer a Mamba-2 mixer.
+            batch: rows decoded per step.
+            compile: ``torch.compile`` the step before capturing it.
+            warmup: eager (or compiling) runs before the capture.
+
+        Raises:
+            ValueError: for a model with attention layers or not on CUDA.
+        """
+        if model.device.type != "cuda":
+            raise ValueError("GraphDecoder needs a model on a CUDA device")
+        attention = [i for i, t in enumerate(model.config.layer_types) if t != "mamba"]
+        if attention:
+            raise ValueError(
+                f"GraphDecoder needs every layer to be a Mamba-2 mixer; layers {attention} are "
+                "attention (their KV caches grow, so the step cannot be captured)"
+            )
+        self.model = model
+        for layer in model.layers:
+            layer.mixer.pack_projections()
+        self.cache = LMCache(model, batch, model.device, model.dtype)
+        self._positions = self.cache.next_pos
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=model.device)
+        self._forward = torch.compile(self._model_step, dynamic=False) if compile else None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        self.cache.reset()
+        self.tokens.zero_()
+
+    def _model_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tokens[:, None], cache=self.cache, logits_slice=slice(-1, None))
+        return out.logits[:, -1]
+
+    def _step(self) -> torch.Tensor:
+        cache = self.cache
+        # The past length only feeds attention masks (there are none); holding it at 0 keeps
+        # the compiled step from being specialised on it. replay() keeps the count.
+        seen, cache.seen = cache.seen, 0
+        logits = (self._forward or self._model_step)(self.tokens)
+        self._positions.copy_(cache.next_pos)
+        cache.next_pos = self._positions
+        cache.seen = seen
+        self.tokens.copy_(logits.argmax(-1))
+        return logits
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """Reset the cache and feed a prompt into it (eagerly, in place).
+
+        Args:
+            input_ids: ``[b, l]`` prompt, ``b`` = the decoder's batch.
+            attention_mask: ``[b, l]`` for left-padded prompts.
+            chunk_size: prefill chunk length (``None``: one pass).
+
+        Returns:
+            ``[b, vocab]`` logits of the last prompt position.
+        """
+        self.cache.reset()
+        logits = prefill(
+            self.model, self.cache, input_ids, attention_mask=attention_mask, chunk_size=chunk_size
+        )
+        self._positions.copy_(self.cache.next_pos)
+        self.cache.next_pos = self._positions
+        return logits
+
+    def load_cache(self, other: LMCache) -> None:
+        """Copy a prefilled cache (same batch, or batch 1 broadcast to every row) into place."""
+        for dst, src in zip(self.cache.layers, other.layers, strict=True):
+            dst.copy_(src)
+        self._positions.copy_(other.next_pos.expand_as(self._positions))
+        self.cache.next_pos = self._positions
+        self.cache.key_mask = None
+        self.cache.seen = other.seen
+
+    def replay(self) -> torch.Tensor:
+        """Run one captured step: consumes :attr:`tokens`, refreshes :attr:`logits` and
+        :attr:`tokens` (the argmax). Returns :attr:`logits`."""
+        self.graph.replay()
+        self.cache.seen += 1
+        return self.logits

@@ -1,0 +1,144 @@
+"""``mmdistill bench`` on CPU at small lengths: the document's schema, ratios, OOM handling,
+the plot and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mmdistill import bench
+from mmdistill.cli import app
+from mmdistill.seeding import seed
+
+ROW_KEYS = {
+    "model",
+    "length",
+    "batch",
+    "prefill_batch",
+    "status",
+    "prefill_ms",
+    "decode_ms_per_token",
+    "decode_tokens_per_s",
+    "peak_memory_bytes",
+    "cache_bytes",
+}
+
+
+def test_parse_counts():
+    assert bench.parse_counts("1k, 4k,103k,1m,1000") == [1024, 4096, 105472, 1048576, 1000]
+    assert bench.human_count(105472) == "103k" and bench.human_count(1000) == "1000"
+    for bad in ("abc", "0", "-1k"):
+        with pytest.raises(ValueError, match="count|least"):
+            bench.parse_count(bad)
+
+
+@pytest.fixture(scope="module")
+def candidates():
+    teacher = bench.random_model("tiny", "cpu", torch.float32, seed=0)
+    return [
+        bench.Candidate("teacher", "teacher", teacher, "growing"),
+        bench.Candidate("teacher (static KV)", "teacher", teacher, "static"),
+        bench.Candidate("linear", "student", seed(teacher, "none"), "none", prefill_chunk=16),
+        bench.Candidate("hybrid", "student", seed(teacher, "every:2"), "growing", prefill_chunk=16),
+    ]
+
+
+def test_run_bench_document(candidates):
+    settings = bench.BenchSettings(lengths=[16, 40], batches=[1], decode_tokens=1)
+    doc = bench.run_bench(candidates, settings, "cpu")
+    json.dumps(doc)  # serialisable
+    assert doc["schema"] == bench.SCHEMA and doc["device"]["type"] == "cpu"
+    assert [m["name"] for m in doc["models"]] == [c.name for c in candidates]
+    assert doc["models"][3]["attention_layers"] == [0, 2]
+    assert len(doc["results"]) == 4 * 2
+    for row in doc["results"]:
+        assert ROW_KEYS <= set(row) and row["status"] == "ok"
+        assert row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["peak_memory_bytes"] is None  # CPU: wall clock, no GPU memory
+    by = {(r["model"], r["length"], r["batch"]): r for r in doc["results"]}
+    # The linear student's state does not grow with the context; the KV caches do.
+    assert by[("linear", 16, 1)]["cache_bytes"] == by[("linear", 40, 1)]["cache_bytes"]
+    assert by[("teacher", 40, 1)]["cache_bytes"] > by[("teacher", 16, 1)]["cache_bytes"]
+    pairs = {(r["student"], r["teacher"], r["length"], r["batch"]) for r in doc["ratios"]}
+    assert len(pairs) == 2 * 2 * 2
+    ratio = doc["ratios"][0]
+    key = (ratio["teacher"], ratio["length"], ratio["batch"])
+    student = by[(ratio["student"], ratio["length"], ratio["batch"])]
+    assert ratio["prefill_speedup"] == pytest.approx(by[key]["prefill_ms"] / student["prefill_ms"])
+
+
+def test_replicated_prefill(candidates):
+    settings = bench.BenchSettings(lengths=[24], batches=[3], decode_tokens=2, prefill_batch=1)
+    doc = bench.run_bench(
+        candidates[:1] + candidates[2:3], settings, "cpu", progress=lambda s: None
+    )
+    assert all(r["prefill_batch"] == 1 and r["batch"] == 3 for r in doc["results"])
+
+
+def test_out_of_memory_is_recorded_and_the_run_goes_on(candidates, monkeypatch):
+    real = bench.measure
+
+    def fake(candidate, length, batch, settings, device, graph=None):
+        if candidate.name == "teacher" and length >= 32 and batch >= 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")
+        return real(candidate, length, batch, settings, device, graph)
+
+    monkeypatch.setattr(bench, "measure", fake)
+    settings = bench.BenchSettings(
+        lengths=[16, 32, 48], batches=[1, 2, 4], decode_tokens=1, warmup=False
+    )
+    doc = bench.run_bench(candidates[:1], settings, "cpu")
+    status = {(r["model"], r["length"], r["batch"]): r["status"] for r in doc["results"]}
+    assert status[("teacher", 32, 2)] == "oom" and "1 TiB" in doc["results"][4]["error"]
+    assert status[("teacher", 48, 2)] == status[("teacher", 32, 4)] == "skipped"
+    assert status[("teacher", 48, 1)] == status[("teacher", 16, 4)] == "ok"
+
+
+def test_plot_writes_png(candidates, tmp_path):
+    settings = bench.BenchSettings(lengths=[16, 32], decode_tokens=1, warmup=False)
+    doc = bench.run_bench(candidates[::2], settings, "cpu")
+    doc["results"].append({"model": "teacher", "length": 64, "batch": 1, "status": "oom"})
+    path = tmp_path / "bench.png"
+    bench.plot(doc, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_random_model_shapes():
+    config = bench.RANDOM_SHAPES["hovle-2.6b"]()
+    assert config.num_layers == 32 and config.vocab_size == 92553
+    assert {(s.num_heads, s.num_kv_heads, s.head_dim) for s in config.stacks} == {(16, 8, 128)}
+    with pytest.raises(ValueError, match="hovle-2.6b"):
+        bench.random_model("nope", "cpu", torch.float32)
+
+
+def test_cli_bench_json_and_plot(llama_dir, tmp_path):
+    student_dir = tmp_path / "student"
+    runner = CliRunner()
+    seeded = runner.invoke(
+        app, ["seed", "--teacher", str(llama_dir), "--out", str(student_dir), "-a", "every:2"]
+    )
+    assert seeded.exit_code == 0, seeded.output
+    plot = tmp_path / "b.png"
+    args = ["bench", "--teacher", str(llama_dir), "--student", str(student_dir)]
+    args += ["--seed-layout", "none", "--lengths", "12,20", "-n", "2", "--device", "cpu"]
+    args += ["--dtype", "float32", "--prefill-chunk", "8", "--json", "--plot", str(plot)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    names = [m["name"] for m in doc["models"]]
+    assert names == ["teacher", "teacher (static KV)", "student", "seeded:none"]
+    assert {r["status"] for r in doc["results"]} == {"ok"}
+    assert doc["teacher"] == str(llama_dir) and plot.exists()
+
+
+def test_cli_bench_needs_one_teacher(llama_dir):
+    result = CliRunner().invoke(app, ["bench", "--seed-layout", "none", "--device", "cpu"])
+    assert result.exit_code != 0
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--teacher", str(llama_dir), "--random-shape", "tiny", "--seed-layout", "none"],
+    )
+    assert result.exit_code != 0

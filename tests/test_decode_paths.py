@@ -1,0 +1,180 @@
+"""Decode-path plumbing on CPU: packed projections, in-place cache updates, the static KV cache,
+and the PyTorch references of the fused kernels against the mixer's own computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmdistill.bench import random_model
+from mmdistill.generation import prefill
+from mmdistill.kernels.fused import (
+    conv_silu_expand_ref,
+    mixer_decode_step,
+    mixer_decode_step_ref,
+)
+from mmdistill.mixer import Mamba2Mixer, MixerConfig, MixerState
+from mmdistill.model import LMCache
+from mmdistill.seeding import seed
+
+
+def make_mixer(bias=False, use_D=False, conv_kernel=3, gate_order="before_norm"):
+    torch.manual_seed(0)
+    cfg = MixerConfig(
+        hidden_size=24,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=4,
+        d_state=5,
+        conv_kernel=conv_kernel,
+        qkv_bias=bias,
+        use_D=use_D,
+        gate_order=gate_order,
+        chunk_size=8,
+        backend="torch",
+    )
+    m = Mamba2Mixer(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return m
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_projections_same_outputs_and_gradients(bias):
+    m = make_mixer(bias=bias)
+    u = torch.randn(2, 11, 24)
+    with torch.no_grad():
+        before = m(u)
+    m.pack_projections()
+    assert m._packed_weight is not None
+    assert m.x_proj.weight.data_ptr() == m._packed_weight[m.z_proj.out_features :].data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(m(u), before, rtol=0, atol=0)
+    m(u).sum().backward()  # training still reaches every parameter
+    assert all(p.grad is not None for p in m.parameters())
+    m.to(torch.float64)  # moving unpacks
+    assert m._packed_weight is None
+    with torch.no_grad():
+        torch.testing.assert_close(m(u.double()).float(), before, rtol=1e-5, atol=1e-5)
+
+
+def test_state_updated_in_place_without_grad():
+    m = make_mixer()
+    u = torch.randn(2, 20, 24)
+    state = MixerState.zeros(m.config, 2, u.device, u.dtype)
+    ptrs = state.conv.data_ptr(), state.ssm.data_ptr()
+    with torch.no_grad():
+        m(u[:, :13], state=state)
+        m(u[:, 13:14], state=state)
+        m(u[:, 14:], state=state)
+    assert (state.conv.data_ptr(), state.ssm.data_ptr()) == ptrs
+    state.reset()
+    assert state.ssm.abs().sum() == 0 and state.conv.abs().sum() == 0
+
+
+def test_state_prefill_with_grad_keeps_old_tensors():
+    m = make_mixer()
+    u = torch.randn(1, 9, 24, requires_grad=True)
+    state = MixerState.zeros(m.config, 1, u.device, u.dtype)
+    old = state.ssm
+    out = m(u[:, :5], state=state)
+    out = out.sum() + m(u[:, 5:], state=state).sum()
+    out.backward()  # no in-place clash with tensors saved for backward
+    assert state.ssm is not old and u.grad is not None
+
+
+def test_conv_reference_matches_mixer_conv():
+    m = make_mixer()
+    c = m.config
+    xbc = torch.randn(2, 17, c.conv_dim)
+    state = MixerState.zeros(c, 2, xbc.device, xbc.dtype)
+    state.conv.normal_()
+    initial = state.conv.clone()
+    x, B, C = conv_silu_expand_ref(
+        xbc, m.conv1d.weight, m.conv1d.bias, initial, 6, 2, c.head_dim, c.d_state
+    )
+    with torch.no_grad():
+        ref = m._conv(xbc, state)
+    xr, Br, Cr = ref.split([2 * 4, 2 * 5, 6 * 5], dim=-1)
+    torch.testing.assert_close(x, xr.reshape(2, 17, 2, 4).repeat_interleave(3, 2))
+    torch.testing.assert_close(B, Br.reshape(2, 17, 2, 5).repeat_interleave(3, 2))
+    torch.testing.assert_close(C, Cr.reshape(2, 17, 6, 5))
+
+
+@pytest.mark.parametrize(
+    "gate_order,use_D,conv_kernel", [("before_norm", False, 2), ("after_norm", True, 4)]
+)
+def test_decode_reference_matches_mixer_step(gate_order, use_D, conv_kernel):
+    m = make_mixer(use_D=use_D, conv_kernel=conv_kernel, gate_order=gate_order)
+    c = m.config
+    u = torch.randn(3, 12, 24)
+    s1 = MixerState.zeros(c, 3, u.device, u.dtype)
+    with torch.no_grad():
+        m(u[:, :11], state=s1)
+        s2 = MixerState(s1.conv.clone(), s1.ssm.clone())
+        expected = m(u[:, 11:], state=s1)
+        packed = m._packed_in_proj(u[:, 11])
+        args = (
+            m.conv1d.weight,
+            m.conv1d.bias,
+            m.dt_bias,
+            m.A_log,
+            m.D,
+            m.norm_weight,
+            6,
+            2,
+            c.head_dim,
+            c.d_state,
+            c.norm_eps,
+            gate_order == "before_norm",
+        )
+        y = mixer_decode_step_ref(packed, s2.conv, s2.ssm, *args)
+        torch.testing.assert_close(m.out_proj(y)[:, None], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s2.ssm, s1.ssm, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s2.conv, s1.conv)
+        s3 = MixerState(s1.conv.clone(), s1.ssm.clone())
+        y_op = mixer_decode_step(packed, s3.conv, s3.ssm, *args)  # the custom op on CPU
+        y_ref = mixer_decode_step_ref(packed, s1.conv, s1.ssm, *args)
+        torch.testing.assert_close(y_op, y_ref)
+        torch.testing.assert_close(s3.ssm, s1.ssm)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    teacher = random_model("tiny", "cpu", torch.float32, seed=0)
+    return teacher, seed(teacher, "every:2")
+
+
+def run_cache(model, ids, max_length, split=30):
+    cache = LMCache(model, ids.shape[0], ids.device, model.dtype, max_length=max_length)
+    with torch.no_grad():
+        steps = [prefill(model, cache, ids[:, :split], chunk_size=8)]
+        for t in range(split, ids.shape[1]):
+            steps.append(model(ids[:, t : t + 1], cache=cache).logits[:, -1])
+    return torch.stack(steps), cache
+
+
+def test_static_kv_cache_matches_growing(tiny):
+    ids = torch.randint(0, 256, (2, 40))
+    for model in tiny:
+        growing, g_cache = run_cache(model, ids, None)
+        static, s_cache = run_cache(model, ids, 48)
+        torch.testing.assert_close(static, growing, rtol=1e-5, atol=1e-5)
+        attn = [s for s in s_cache.layers if hasattr(s, "k_buffer")]
+        assert all(s.capacity == 48 and s.length == 40 and s.k.shape[2] == 40 for s in attn)
+        assert s_cache.nbytes() > g_cache.nbytes()  # the buffers are preallocated in full
+
+
+def test_static_kv_cache_full_and_select(tiny):
+    teacher, _ = tiny
+    ids = torch.randint(0, 256, (2, 12))
+    cache = LMCache(teacher, 2, ids.device, teacher.dtype, max_length=10)
+    with pytest.raises(ValueError, match="capacity"), torch.no_grad():
+        prefill(teacher, cache, ids)
+    _, cache = run_cache(teacher, ids, 16, split=8)
+    cache.select(torch.tensor([1, 1, 0]))
+    assert cache.layers[0].k.shape == (3, 2, 12, 16) and cache.layers[0].capacity == 16
+    torch.testing.assert_close(cache.layers[0].k[0], cache.layers[0].k[1])
+    cache.reset()
+    assert cache.seen == 0 and cache.layers[0].length == 0 and cache.layers[0].k.shape[2] == 0

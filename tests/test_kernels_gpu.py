@@ -1,0 +1,319 @@
+"""GPU parity tests (marked ``gpu``; skipped without CUDA, or without mamba-ssm's kernels).
+
+Triton paths against the PyTorch ones: the SSD kernels (forward and backward, bf16 and fp32,
+GQA-grouped B, per-head C, initial state), the decode step, the fused conv and decode kernels,
+whole mixers, cached generation against recomputation, the static KV cache against the growing
+one, and CUDA-graph decode against eager decode.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmdistill.kernels import ssd, ssd_step
+from mmdistill.kernels import triton as triton_backend
+from mmdistill.kernels.chunked import ssd_chunked
+from mmdistill.kernels.fused import conv_silu_expand_ref, mixer_decode_step_ref
+from mmdistill.kernels.naive import ssd_step_naive
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not triton_backend.available(),
+        reason="needs CUDA and mamba-ssm's Triton kernels",
+    ),
+]
+
+CUDA = torch.device("cuda")
+# ‖a − b‖ / ‖b‖ bounds: fp32 runs tf32 dot products inside the Triton kernels.
+TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _exact_torch_fp32():
+    """Keep the PyTorch references in true fp32 (no tf32 in cuBLAS/cuDNN)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def ssd_inputs(length, dtype, heads=4, groups_b=2, p=32, n=32, batch=2, seed=0):
+    g = torch.Generator(device=CUDA).manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=CUDA) * scale).to(dtype)
+
+    return dict(
+        x=r(batch, length, heads, p),
+        dt=r(batch, length, heads) - 2.0,
+        A=-torch.rand(heads, generator=g, device=CUDA) - 0.2,
+        B=r(batch, length, groups_b, n, scale=0.5),
+        C=r(batch, length, heads, n, scale=0.5),
+        D=r(heads),
+        dt_bias=torch.randn(heads, generator=g, device=CUDA) * 0.5,
+        initial_state=torch.randn(batch, heads, p, n, generator=g, device=CUDA),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [1, 63, 129, 1000])
+def test_ssd_triton_matches_chunked_forward_and_backward(dtype, length):
+    inputs = ssd_inputs(length, dtype)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    results = []
+    for backend in ("triton", "reference"):
+        for v in leaves.values():
+            v.grad = None
+        if backend == "triton":
+            y, s = ssd(**leaves, return_final_state=True, chunk_size=64, backend="triton")
+        else:  # float64 chunked reference on the same (rounded) values
+            ref = {k: v.double() for k, v in leaves.items()}
+            y, s = ssd_chunked(**ref, return_final_state=True, chunk_size=64)
+        w = torch.linspace(-1, 1, y.numel(), device=CUDA).view_as(y)
+        ((y.double() * w).sum() + (s.double() * 0.3).sum()).backward()
+        results.append((y.detach(), s.detach(), {k: v.grad.clone() for k, v in leaves.items()}))
+    (y_t, s_t, g_t), (y_r, s_r, g_r) = results
+    assert y_t.dtype == dtype
+    assert rel(y_t, y_r) < TOL[dtype] and rel(s_t, s_r) < TOL[dtype]
+    for key in g_r:
+        assert rel(g_t[key], g_r[key]) < 2 * TOL[dtype], key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_ssd_step_triton_matches_reference(dtype, with_bias):
+    inputs = ssd_inputs(5, dtype)
+    state_t = inputs["initial_state"].clone()
+    state_r = inputs["initial_state"].clone().double()
+    bias = inputs["dt_bias"] if with_bias else None
+    for t in range(5):
+        step = {k: inputs[k][:, t] for k in ("x", "dt", "B", "C")}
+        y_t = ssd_step(
+            state_t, **step, A=inputs["A"], D=inputs["D"], dt_bias=bias, backend="triton"
+        )
+        y_r = ssd_step_naive(
+            state_r,
+            **{k: v.double() for k, v in step.items()},
+            A=inputs["A"].double(),
+            D=inputs["D"].double(),
+            dt_bias=None if bias is None else bias.double(),
+        )
+        assert rel(y_t, y_r) < TOL[dtype]
+    assert rel(state_t, state_r) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,with_state", [(2, False), (2, True), (4, True), (1, False)])
+def test_conv_kernel_matches_reference(dtype, k, with_state):
+    from mmdistill.kernels.triton_fused import conv_silu_expand
+
+    h, g, p, n, b, l = 6, 2, 32, 16, 2, 300
+    channels = g * (p + n) + h * n
+    gen = torch.Generator(device=CUDA).manual_seed(1)
+    packed = torch.randn(b, l, channels + 40, generator=gen, device=CUDA).to(dtype)
+    weight = torch.randn(channels, 1, k, generator=gen, device=CUDA).to(dtype)
+    bias = torch.randn(channels, generator=gen, device=CUDA).to(dtype)
+    state = torch.randn(b, channels, k - 1, generator=gen, device=CUDA).to(dtype)
+    state = state if with_state else None
+    grads = [torch.randn(b, l, h, w, generator=gen, device=CUDA).to(dtype) for w in (p, n, n)]
+    outs = []
+    for fn in (conv_silu_expand, conv_silu_expand_ref):
+        leaves = [t.clone().requires_grad_(True) for t in (packed, weight, bias)]
+        xbc = leaves[0][..., 20 : 20 + channels]  # a strided view, as in the mixer
+        ys = fn(xbc, leaves[1], leaves[2], state, h, g, p, n)
+        sum((y.float() * gr.float()).sum() for y, gr in zip(ys, grads, strict=True)).backward()
+        outs.append(([y.detach() for y in ys], [t.grad for t in leaves]))
+    for a, b_ in zip(outs[0][0] + outs[0][1], outs[1][0] + outs[1][1], strict=True):
+        assert rel(a, b_) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "gate_before,use_d,k", [(True, False, 2), (False, True, 4), (True, True, 1)]
+)
+def test_decode_kernel_matches_reference(dtype, gate_before, use_d, k):
+    from mmdistill.kernels.triton_fused import mixer_decode_step
+
+    h, g, p, n, b = 6, 3, 64, 32, 3
+    channels = g * (p + n) + h * n
+    gen = torch.Generator(device=CUDA).manual_seed(2)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, device=CUDA)
+
+    args = dict(
+        conv_weight=r(channels, 1, k).to(dtype),
+        conv_bias=r(channels).to(dtype),
+        dt_bias=r(h).to(dtype),
+        A_log=(r(h) * 0.3).to(dtype),
+        D=r(h).to(dtype) if use_d else None,
+        norm_weight=r(h * p).to(dtype),
+        heads=h,
+        groups=g,
+        head_dim=p,
+        d_state=n,
+        eps=1e-5,
+        gate_before=gate_before,
+    )
+    conv_t, ssm_t = r(b, channels, k - 1).to(dtype), r(b, h, p, n)
+    conv_r, ssm_r = conv_t.clone(), ssm_t.clone()
+    for _ in range(4):
+        z = r(b, h * p + channels + h).to(dtype)
+        y_t = mixer_decode_step(z, conv_t, ssm_t, **args)
+        y_r = mixer_decode_step_ref(z, conv_r, ssm_r, **args)
+        assert rel(y_t, y_r) < TOL[dtype]
+    assert rel(ssm_t, ssm_r) < TOL[dtype]
+    assert torch.equal(conv_t, conv_r)
+
+
+def make_mixer(dtype, conv_kernel=2, gate_order="before_norm", use_D=False, bias=False, kv=2):
+    from mmdistill.mixer import Mamba2Mixer, MixerConfig
+
+    torch.manual_seed(0)
+    cfg = MixerConfig(
+        hidden_size=64,
+        num_heads=4,
+        num_kv_heads=kv,
+        head_dim=32,
+        conv_kernel=conv_kernel,
+        gate_order=gate_order,
+        use_D=use_D,
+        qkv_bias=bias,
+        chunk_size=32,
+    )
+    m = Mamba2Mixer(cfg)
+    with torch.no_grad():
+        for param in m.parameters():
+            param.add_(torch.randn_like(param) * 0.2)
+    return m.to(device=CUDA, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "conv_kernel,gate_order,use_D,bias,kv",
+    [
+        (2, "before_norm", False, False, 2),
+        (4, "after_norm", True, True, 1),
+        (3, "before_norm", True, False, 4),
+    ],
+)
+def test_mixer_fused_matches_torch_backend(dtype, conv_kernel, gate_order, use_D, bias, kv):
+    m = make_mixer(dtype, conv_kernel, gate_order, use_D, bias, kv)
+    u = torch.randn(2, 77, 64, device=CUDA).to(dtype)
+    results = []
+    for backend in ("triton", "torch"):
+        m.zero_grad(set_to_none=True)
+        x = u.clone().requires_grad_(True)
+        out = m(x, backend=backend)
+        (
+            out.float() * torch.linspace(-1, 1, out.numel(), device=CUDA).view_as(out)
+        ).sum().backward()
+        grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+        results.append((out.detach(), x.grad.clone(), grads))
+    (o_t, dx_t, g_t), (o_r, dx_r, g_r) = results
+    assert rel(o_t, o_r) < TOL[dtype]
+    assert rel(dx_t, dx_r) < 2 * TOL[dtype]
+    for key in g_r:
+        assert rel(g_t[key], g_r[key]) < 3 * TOL[dtype], key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixer_fused_prefill_decode_and_mask(dtype):
+    from mmdistill.mixer import MixerState
+
+    m = make_mixer(dtype, conv_kernel=4, use_D=True)
+    u = torch.randn(3, 40, 64, device=CUDA).to(dtype)
+    mask = torch.ones(3, 40, dtype=torch.long, device=CUDA)
+    mask[1, :9] = 0
+    with torch.no_grad():
+        full = m(u, backend="torch")
+        state = MixerState.zeros(m.config, 3, CUDA, dtype)
+        ptrs = state.conv.data_ptr(), state.ssm.data_ptr()
+        parts = [m(u[:, :20], state=state), m(u[:, 20:23], state=state)]
+        parts += [m(u[:, t : t + 1], state=state) for t in range(23, 40)]
+        assert (state.conv.data_ptr(), state.ssm.data_ptr()) == ptrs  # updated in place
+        assert rel(torch.cat(parts, 1), full) < TOL[dtype]
+        masked = m(u, mask=mask)
+        ref = m(u, mask=mask, backend="torch")
+        assert rel(masked[1, 9:], ref[1, 9:]) < TOL[dtype]
+
+
+def tiny_models(dtype):
+    from mmdistill.bench import random_model
+    from mmdistill.seeding import seed
+
+    teacher = random_model("tiny", CUDA, dtype, seed=0)
+    return teacher, seed(teacher, "none"), seed(teacher, "every:2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_generation_matches_recompute(dtype):
+    from mmdistill.generation import generate
+
+    for model in tiny_models(dtype):
+        prompt = torch.randint(0, 256, (2, 33), device=CUDA)
+        with torch.no_grad():
+            out = generate(model, prompt, max_new_tokens=8, prefill_chunk_size=16)
+            for t in range(prompt.shape[1], out.shape[1]):
+                logits = model(out[:, :t]).logits[:, -1].float()
+                top2 = logits.topk(2).values
+                clear = (top2[:, 0] - top2[:, 1]) > 1e-2 * top2.abs().max()
+                agree = logits.argmax(-1) == out[:, t]
+                assert bool((agree | ~clear).all()), t
+
+
+def test_static_kv_cache_matches_growing():
+    from mmdistill.generation import prefill
+    from mmdistill.model import LMCache
+
+    teacher, _, hybrid = tiny_models(torch.float32)
+    for model in (teacher, hybrid):
+        ids = torch.randint(0, 256, (2, 50), device=CUDA)
+        logits = []
+        for max_length in (None, 64):
+            cache = LMCache(model, 2, CUDA, model.dtype, max_length=max_length)
+            with torch.no_grad():
+                steps = [prefill(model, cache, ids[:, :40], chunk_size=16)]
+                for t in range(40, 50):
+                    steps.append(model(ids[:, t : t + 1], cache=cache).logits[:, -1])
+            logits.append(torch.stack(steps))
+        assert rel(logits[1], logits[0]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,compile_step", [(torch.float32, False), (torch.bfloat16, True)])
+def test_graph_decode_matches_eager(dtype, compile_step):
+    from mmdistill.generation import prefill
+    from mmdistill.graph_decode import GraphDecoder
+    from mmdistill.model import LMCache
+
+    _, linear, hybrid = tiny_models(dtype)
+    with pytest.raises(ValueError, match="attention"):
+        GraphDecoder(hybrid, 2)
+    ids = torch.randint(0, 256, (2, 37), device=CUDA)
+    decoder = GraphDecoder(linear, 2, compile=compile_step)
+    with torch.no_grad():
+        cache = LMCache(linear, 2, CUDA, dtype)
+        logits = prefill(linear, cache, ids, chunk_size=16)
+        inputs, eager = [logits.argmax(-1)], []
+        for _ in range(6):
+            logits = linear(inputs[-1][:, None], cache=cache).logits[:, -1]
+            eager.append(logits.float())
+            inputs.append(logits.argmax(-1))
+        decoder.prefill(ids, chunk_size=16)
+        graph = []
+        for step in range(6):
+            decoder.tokens.copy_(inputs[step])  # same inputs: no divergence on near-ties
+            graph.append(decoder.replay().float().clone())
+            assert torch.equal(decoder.tokens, decoder.logits.argmax(-1))  # feeds itself
+    assert decoder.cache.seen == 37 + 6
+    assert rel(torch.stack(graph), torch.stack(eager)) < TOL[dtype]
+    if not compile_step:  # the same kernels replayed: identical
+        assert torch.equal(torch.stack(graph), torch.stack(eager))
