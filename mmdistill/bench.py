@@ -89,7 +89,7 @@ def _tiny() -> LMConfig:
             num_layers=2,
             num_heads=4,
             num_kv_heads=2,
-            head_dim=16,
+            head_dim=32,
             intermediate_size=128,
             name=name,
         )

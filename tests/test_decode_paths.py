@@ -174,7 +174,7 @@ def test_static_kv_cache_full_and_select(tiny):
         prefill(teacher, cache, ids)
     _, cache = run_cache(teacher, ids, 16, split=8)
     cache.select(torch.tensor([1, 1, 0]))
-    assert cache.layers[0].k.shape == (3, 2, 12, 16) and cache.layers[0].capacity == 16
+    assert cache.layers[0].k.shape == (3, 2, 12, 32) and cache.layers[0].capacity == 16
     torch.testing.assert_close(cache.layers[0].k[0], cache.layers[0].k[1])
     cache.reset()
     assert cache.seen == 0 and cache.layers[0].length == 0 and cache.layers[0].k.shape[2] == 0

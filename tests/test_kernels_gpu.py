@@ -187,7 +187,7 @@ def make_mixer(dtype, conv_kernel=2, gate_order="before_norm", use_D=False, bias
         gate_order=gate_order,
         use_D=use_D,
         qkv_bias=bias,
-        chunk_size=32,
+        chunk_size=64,
     )
     m = Mamba2Mixer(cfg)
     with torch.no_grad():
