@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     for layer in student.layers:
         layer.mixer.pack_projections()
 
+    save(doc, args.json)
     eager_decode(student, ids, doc)
+    save(doc, args.json)
     if not args.no_compile and all(t == "mamba" for t in student.config.layer_types):
         for compiled in (False, True):
             t0 = time.perf_counter()
@@ -126,16 +128,21 @@ def main(argv: list[str] | None = None) -> None:
             key = "graph_compiled" if compiled else "graph"
             doc[f"{key}_ms"] = events_ms(decoder.replay, args.steps)
             doc[f"{key}_setup_s"] = setup_s
+            save(doc, args.json)
             del decoder
             torch.cuda.empty_cache()
     for key in ("eager_ms", "graph_ms", "graph_compiled_ms"):
         if key in doc:
             doc[key.replace("_ms", "_over_bound")] = doc[key] / doc["bound_ms"]
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text)
+    save(doc, args.json)
+    print(json.dumps(doc, indent=2))
+
+
+def save(doc: dict, path: str | None) -> None:
+    """Write what is measured so far (a later phase may run out of time)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,13 @@ def bench_command(
         help="Prefill this many rows and replicate the cache to the batch (identical prompts).",
     ),
     prefill_chunk: int = typer.Option(
-        8192, "--prefill-chunk", help="Students' prefill chunk in tokens (0: one pass)."
+        8192, "--prefill-chunk", help="All-Mamba students' prefill chunk in tokens (0: one pass)."
+    ),
+    hybrid_chunk: int = typer.Option(
+        0,
+        "--hybrid-prefill-chunk",
+        help="Prefill chunk of students with attention layers (0: one pass). A chunk after the "
+        "first gives their attention an explicit mask, which SDPA runs without a fused GQA kernel.",
     ),
     teacher_chunk: int = typer.Option(
         0, "--teacher-prefill-chunk", help="Teacher's prefill chunk in tokens (0: one pass)."
@@ -129,7 +135,7 @@ def bench_command(
                 "student",
                 model,
                 "none" if all_mamba else "growing",
-                prefill_chunk or None,
+                (prefill_chunk if all_mamba else hybrid_chunk) or None,
                 cuda_graph=graph,
                 compile=compile_step and graph,
             )
