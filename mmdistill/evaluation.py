@@ -101,25 +101,12 @@ def load_model(
     return load_teacher(str(source), dtype=dtype, device=device)
 
 
-def quiet_load_tokenizer(directory: str | Path) -> Tokenizer:
-    """:func:`load_tokenizer` without transformers' warning that it does not know the
-    ``mmdistill`` model type of a student's ``config.json``."""
-    from transformers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        return load_tokenizer(directory)
-    finally:
-        logging.set_verbosity(level)
-
-
 def tokenizer_for(model: DecoderLM) -> Tokenizer:
     """The tokenizer saved with ``model`` (its checkpoint or its teacher's directory)."""
     directory = model.config.teacher.get("directory")
     if not directory:
         raise DataError("the model records no directory with tokenizer files; pass tokenizer=")
-    return quiet_load_tokenizer(directory)
+    return load_tokenizer(directory)
 
 
 def describe(model: DecoderLM) -> str:

@@ -162,11 +162,18 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         config and not remote and not (directory / "tokenizer.model").exists()
     ):
         from transformers import AutoTokenizer
+        from transformers.utils import logging
 
+        # A student's config.json has model_type "mmdistill", unknown to transformers, which
+        # would warn although the tokenizer files themselves are complete.
+        level = logging.get_verbosity()
+        logging.set_verbosity_error()
         try:
             return HFTokenizer(AutoTokenizer.from_pretrained(str(directory)))
         except Exception as exc:
             raise CheckpointError(f"cannot load the tokenizer in {directory}: {exc}") from exc
+        finally:
+            logging.set_verbosity(level)
     if (directory / "tokenizer.model").exists():
         return SentencePieceTokenizer(directory / "tokenizer.model", config)
     raise CheckpointError(f"no tokenizer files in {directory}")

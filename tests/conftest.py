@@ -9,6 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The test models are tiny: one thread avoids oversubscription on CI's two cores (and next to
+# the DeepSpeed worker processes some tests start), which is several times faster here.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

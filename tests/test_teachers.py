@@ -195,3 +195,90 @@ def test_offline_hub_source_fails_fast(monkeypatch):
     with pytest.raises(TeacherError, match="not a local directory"):
         load_teacher("./no/such/dir")
     assert time.monotonic() - start < 10
+
+
+def test_gguf_source_is_converted_once(tmp_path, monkeypatch):
+    """A .gguf source goes through transformers' GGUF reader into a cached safetensors folder.
+
+    The GGUF file is written here from a tiny random Llama with the gguf package (when
+    installed), so the test needs no download.
+    """
+    gguf = pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    from mmdistill.teachers.loading import resolve_source
+
+    src = tmp_path / "llama"
+    hf_model = write_hf_model(src, "llama", vocab_size=128)
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    cfg = hf_model.config
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([f"<t{i}>".encode() for i in range(cfg.vocab_size)])
+    writer.add_token_scores([0.0] * cfg.vocab_size)
+    writer.add_token_types([1] * cfg.vocab_size)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def permute(w, n_head):  # llama.cpp stores Q/K rows interleaved for its RoPE
+        return (
+            w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(w.shape)
+        )
+
+    for key, value in hf_model.state_dict().items():
+        t = value.float().numpy()
+        if key in names:
+            writer.add_tensor(names[key], t)
+            continue
+        i, rest = key.split(".")[2], ".".join(key.split(".")[3:])
+        module, kind = rest.rsplit(".", 1)
+        if module == "self_attn.q_proj":
+            t = permute(t, heads)
+        elif module == "self_attn.k_proj":
+            t = permute(t, kv)
+        writer.add_tensor(f"blk.{i}.{per_layer[module]}.{kind}", t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    monkeypatch.setenv("MMDISTILL_CACHE", str(tmp_path / "cache"))
+    try:
+        reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name).eval()
+    except Exception as exc:  # transformers' GGUF reader rejects hand-written metadata
+        pytest.skip(f"transformers cannot read the hand-written GGUF: {exc}")
+    teacher = load_teacher(str(path))
+    folder = resolve_source(str(path))
+    assert (folder / "model.safetensors").exists() and folder.is_relative_to(tmp_path / "cache")
+    ids = torch.randint(0, 128, (1, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)

