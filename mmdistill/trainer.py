@@ -15,10 +15,11 @@ Processes. Under ``accelerate launch`` every process runs this code; plain PyTor
 ``distributed.deepspeed`` a DeepSpeed engine per stage built from the recipe's ZeRO JSON (its
 ``"auto"`` fields filled from the stage). The frozen teacher gets no optimiser: with ZeRO-1/2 it
 is wrapped with ZeRO stage 0 (replicated), with ZeRO-3 sharded like the student (TRL's
-``prepare_deepspeed`` pattern). Under ZeRO-3 the mixers are *not* marked as leaf modules:
-their forward reads child weights directly, which ZeRO-3 gathers on access, while with
-``set_z3_leaf_modules`` the backward pass failed (DeepSpeed 0.19.8). Between stages the full float32 weights are gathered and
-the student is rebuilt, so each stage starts from a plain module.
+``prepare_deepspeed`` pattern), and its captures are then taken with forward hooks (ZeRO-3's
+module hooks rebuild list arguments). The mixers are *not* ZeRO-3 leaf modules: their forward
+reads child weights directly, which ZeRO-3 gathers on access, while with ``set_z3_leaf_modules``
+the backward pass failed (DeepSpeed 0.19.8). Between stages the full float32 weights are gathered
+and the student is rebuilt, so each stage starts from a plain module.
 
 Checkpoints (GUIDE §6) go to ``output_dir/checkpoints/ckpt-SS-NNNNNNNN-NAME``: written under a
 temporary name by all processes, renamed by process 0 after a barrier, then ``latest`` (a text
@@ -507,7 +508,7 @@ class Distiller:
 
     # ---------------------------------------------------------------- stages
 
-    def _stage_iterator(self, stage_index: int, stage: StageSpec, ctx, shapes, specs, seed):
+    def _stage_iterator(self, stage: StageSpec, ctx, shapes, specs, seed):
         from .data.loader import make_iterator
 
         data = self.recipe.data
@@ -533,11 +534,10 @@ class Distiller:
             )
 
     @torch.no_grad()
-    def _evaluate(self, model, teacher, stage_index, stage, ctx, shapes, layers, logits):
+    def _evaluate(self, model, teacher, stage, ctx, shapes, layers, logits):
+        """Mean loss over ``data.eval_batches`` held-out batches (same order every stage)."""
         data = self.recipe.data
-        iterator = self._stage_iterator(
-            stage_index, stage, ctx, shapes, data.eval, (data.seed, 1 << 20)
-        )
+        iterator = self._stage_iterator(stage, ctx, shapes, data.eval, (data.seed, 1 << 20))
         total = 0.0
         for _ in range(data.eval_batches):
             batch = next(iterator).to(self.device)
@@ -635,9 +635,7 @@ class Distiller:
             model = self.accelerator.prepare_model(objective)
         else:
             model = objective
-        iterator = self._stage_iterator(
-            stage_index, stage, ctx, shapes, data.train, (data.seed, stage_index)
-        )
+        iterator = self._stage_iterator(stage, ctx, shapes, data.train, (data.seed, stage_index))
         report = StageReport(
             name=stage.name,
             mode="layerwise" if layerwise else "end_to_end",
@@ -721,7 +719,7 @@ class Distiller:
             else:
                 student.eval()
             report.eval_loss = self._evaluate(
-                model, teacher, stage_index, stage, ctx, shapes, layers, not layerwise
+                model, teacher, stage, ctx, shapes, layers, not layerwise
             )
         report.skipped = iterator.skipped()
         report.seconds = time.perf_counter() - began
