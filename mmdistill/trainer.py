@@ -273,7 +273,7 @@ class Distiller:
 
     def _log(self, message: str) -> None:
         if self.is_main:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, soft_wrap=True)
 
     def _load_models(self) -> tuple[DecoderLM, DecoderLM]:
         from . import load_teacher, seed
