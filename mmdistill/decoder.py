@@ -334,16 +334,17 @@ class DecoderLayer(nn.Module):
             return self.mixer(normed, ctx, state)
         return self.mixer(normed, state=state, mask=ctx.token_mask)
 
-    def forward(
-        self, x: torch.Tensor, ctx: AttnContext, state=None, capture: list | None = None
-    ) -> torch.Tensor:
-        """``x`` ``[b, l, hidden]``. With ``capture``, appends ``(mixer input, mixer output)``."""
+    def forward(self, x: torch.Tensor, ctx: AttnContext, state=None, capture: bool = False):
+        """``x`` ``[b, l, hidden]`` -> ``[b, l, hidden]``.
+
+        With ``capture``, returns ``(x, (mixer input, mixer output))`` instead: the pair travels
+        in the return value because wrappers such as DeepSpeed ZeRO-3 rebuild call arguments.
+        """
         normed = self.input_norm(x)
         mixed = self.run_mixer(normed, ctx, state)
-        if capture is not None:
-            capture.append((normed, mixed))
-        x = x + mixed
-        return x + self.mlp(self.post_norm(x))
+        out = x + mixed
+        out = out + self.mlp(self.post_norm(out))
+        return (out, (normed, mixed)) if capture else out
 
 
 def mixer_config_for(hidden_size: int, stack: StackConfig, options: dict | None) -> MixerConfig:

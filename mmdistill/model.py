@@ -377,8 +377,11 @@ class DecoderLM(nn.Module):
             state = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training and cache is None and captures is None:
                 x = checkpoint(layer, x, ctx, use_reentrant=False)
+            elif captures is not None:
+                x, pair = layer(x, ctx, state, capture=True)
+                captures.append(pair)
             else:
-                x = layer(x, ctx, state, captures)
+                x = layer(x, ctx, state)
         if cache is not None:
             cache.key_mask = key_mask
             cache.seen = past + l

@@ -204,26 +204,11 @@ class TeacherForward(nn.Module):
 
     Args:
         teacher: the teacher.
-        capture_with_hooks: collect the mixers' (input, output) with forward hooks instead of
-            ``capture_mixers=True``. Needed under DeepSpeed ZeRO-3, whose module hooks rebuild
-            list arguments, so the layers' appends to the capture list would be lost.
     """
 
-    def __init__(self, teacher: DecoderLM, capture_with_hooks: bool = False):
+    def __init__(self, teacher: DecoderLM):
         super().__init__()
         self.model = teacher
-        self.capture_with_hooks = capture_with_hooks
-        self._captured: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-        if capture_with_hooks:
-            for i, layer in enumerate(teacher.layers):
-                layer.mixer.register_forward_hook(self._hook(i))
-
-    def _hook(self, index: int):
-        def hook(module, args, output):
-            if self._captured is not None:
-                self._captured[index] = (args[0], output)
-
-        return hook
 
     @torch.no_grad()
     def forward(
@@ -246,20 +231,15 @@ class TeacherForward(nn.Module):
             ``([(u_i, y_i) for i in layers], logits [b, l, vocab] or None)``; u, y ``[b, l, d]``.
         """
         stop = len(self.model.layers) if logits else max(layers) + 1
-        capture = bool(layers) and not self.capture_with_hooks
-        self._captured = {} if layers and self.capture_with_hooks else None
-        try:
-            out = self.model(
-                input_ids,
-                pixel_values=pixel_values,
-                attention_mask=attention_mask,
-                capture_mixers=capture,
-                layer_range=(0, stop),
-                compute_logits=logits,
-            )
-            captured = self._captured if self._captured is not None else out.captures
-        finally:
-            self._captured = None
+        out = self.model(
+            input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            capture_mixers=bool(layers),
+            layer_range=(0, stop),
+            compute_logits=logits,
+        )
+        captured = out.captures
         pairs = [captured[i] for i in layers] if layers else []
         return pairs, out.logits
 

@@ -15,8 +15,8 @@ Processes. Under ``accelerate launch`` every process runs this code; plain PyTor
 ``distributed.deepspeed`` a DeepSpeed engine per stage built from the recipe's ZeRO JSON (its
 ``"auto"`` fields filled from the stage). The frozen teacher gets no optimiser: with ZeRO-1/2 it
 is wrapped with ZeRO stage 0 (replicated), with ZeRO-3 sharded like the student (TRL's
-``prepare_deepspeed`` pattern), and its captures are then taken with forward hooks (ZeRO-3's
-module hooks rebuild list arguments). The mixers are *not* ZeRO-3 leaf modules: their forward
+``prepare_deepspeed`` pattern); its layers return their captures (ZeRO-3's module hooks rebuild
+call arguments, so nothing is collected through them). The mixers are *not* ZeRO-3 leaf modules: their forward
 reads child weights directly, which ZeRO-3 gathers on access, while with ``set_z3_leaf_modules``
 the backward pass failed (DeepSpeed 0.19.8). Between stages the full float32 weights are gathered
 and the student is rebuilt, so each stage starts from a plain module.
@@ -326,7 +326,7 @@ class Distiller:
         deepspeed.init_distributed(auto_mpi_discovery=False)
 
     def _wrap_teacher(self, teacher: DecoderLM):
-        runner = TeacherForward(teacher, capture_with_hooks=self.deepspeed and self.zero_stage == 3)
+        runner = TeacherForward(teacher)
         if not self.deepspeed:
             return runner
         import deepspeed

@@ -126,14 +126,18 @@ def batch(seed: int = 0):
     return ids, mask
 
 
-def test_teacher_captures_by_hooks_equal_capture_mixers(hovle):
+def test_teacher_captures_are_the_attention_inputs_and_outputs(hovle):
     ids, mask = batch()
-    plain, _ = TeacherForward(hovle)(ids, mask, None, [1, 3], False)
-    hooked, _ = TeacherForward(hovle, capture_with_hooks=True)(ids, mask, None, [1, 3], False)
-    reference = hovle(ids, attention_mask=mask, capture_mixers=True).captures
-    for (u, y), (hu, hy), i in zip(plain, hooked, [1, 3], strict=True):
-        assert torch.equal(u, reference[i][0]) and torch.equal(y, reference[i][1])
-        assert torch.equal(u, hu) and torch.equal(y, hy)
+    pairs, _ = TeacherForward(hovle)(ids, mask, None, [1, 3], False)
+    hidden = hovle(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for (u, y), i in zip(pairs, [1, 3], strict=True):
+        layer = hovle.layers[i]
+        assert torch.equal(u, layer.input_norm(hidden[i]))
+        # The residual stream after layer i = before + attention output + MLP.
+        after_attn = hidden[i] + y
+        torch.testing.assert_close(
+            after_attn + layer.mlp(layer.post_norm(after_attn)), hidden[i + 1]
+        )
 
 
 def test_layerwise_objective_runs_only_the_mixers(hovle, monkeypatch):
