@@ -13,11 +13,12 @@ source scripts/gpu/env.sh > /tmp/env.txt 2>&1
   warm=$!
   echo "== gpu tests (MAMBA_DETERMINISTIC=1, -n 6)"
   MAMBA_DETERMINISTIC=1 timeout 105 bash scripts/gpu/tests.sh -n 6
-  wait "$warm" 2>/dev/null || kill "$warm" 2>/dev/null
+  for _ in $(seq 20); do kill -0 "$warm" 2>/dev/null || break; sleep 1; done
+  kill "$warm" 2>/dev/null
   tail -3 /tmp/warm.log
   echo "== bench sweep"
-  timeout 100 bash scripts/gpu/bench_hovle.sh sweep --lengths 1k,32k,103k,128k -n 16 \
+  timeout 90 bash scripts/gpu/bench_hovle.sh sweep --lengths 1k,32k,103k,128k -n 16 \
     --plot "$OUT/bench_sweep.png"
-  echo "== mixer"; timeout 55 bash scripts/gpu/mixer.sh 32k,128k --chunk-sizes 64
+  echo "== mixer"; timeout 50 bash scripts/gpu/mixer.sh 32k,128k --chunk-sizes 64
   echo "== done"
 } 2>&1 | tee "$OUT/run.log"
