@@ -297,11 +297,6 @@ class Mamba2Mixer(nn.Module):
                 )
         return F.linear(u, weight, bias)
 
-    def _in_proj(self, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One GEMM for all five projections, split into z, x, B, C, dt."""
-        out = self._packed_in_proj(u)
-        return out.split([m.out_features for m in self._in_modules()], dim=-1)
-
     def _conv(self, xbc: torch.Tensor, state: MixerState | None) -> torch.Tensor:
         """Causal depthwise conv + SiLU over ``xbc`` ``[b, l, conv_dim]``; advances ``state``."""
         k = self.config.conv_kernel
@@ -456,9 +451,8 @@ class Mamba2Mixer(nn.Module):
 
         c = self.config
         k = c.conv_kernel
+        # With autograd on, _assign_ leaves the old state tensor (saved for backward) untouched.
         initial = None if state is None or k == 1 else state.conv
-        if initial is not None and torch.is_grad_enabled():
-            initial = initial.clone()  # the kernel's backward reads it after the update below
         out = conv_silu_expand(
             xbc,
             self.conv1d.weight,
@@ -504,7 +498,6 @@ class Mamba2Mixer(nn.Module):
             return triton_backend.ssd_triton(
                 x, dt, A, B, C, chunk_size=c.chunk_size, D=self.D, dt_softplus=False
             )
-        initial = state.ssm.clone() if torch.is_grad_enabled() else state.ssm
         y, final = triton_backend.ssd_triton(
             x,
             dt,
@@ -514,7 +507,7 @@ class Mamba2Mixer(nn.Module):
             chunk_size=c.chunk_size,
             D=self.D,
             dt_softplus=False,
-            initial_state=initial,
+            initial_state=state.ssm,
             return_final_state=True,
         )
         state.ssm = _assign_(state.ssm, final)
