@@ -1,16 +1,16 @@
 """Triton kernels of the mixer's fast path (imported only where Triton is installed).
 
-Three kernels around mamba-ssm's SSD kernels, each replacing a chain of eager PyTorch ops:
+Kernels around mamba-ssm's SSD kernels, each replacing a chain of eager PyTorch ops:
 
 * :func:`conv_silu_expand` -- the causal depthwise conv + SiLU over ``[x | B | C]``, read straight
   from the packed in-projection output and written in the layout the SSD kernel wants: x and B
   repeated over the GQA group (``[b, l, h, p]``, ``[b, l, h, n]``), C per head. One pass replaces
   ``cat``, ``transpose``, ``pad``, ``conv1d``, ``silu``, ``repeat_interleave`` and the
   ``contiguous`` copies. Differentiable (its backward sums the group copies back).
-* :func:`conv_step` -- one decode step of that conv: rolls the ``[b, conv_dim, k - 1]`` window
-  in place and returns the activated ``[b, conv_dim]`` channels.
-* :func:`ssm_step_gated_norm` -- one recurrence step per head (softplus of dt, decay, state update
-  in place, ``y = S·C + D x``) fused with the per-head gated RMSNorm.
+* :func:`mixer_decode_step` -- one decode step in two kernels: the conv step (rolls the
+  ``[b, conv_dim, k - 1]`` window in place, activates the new channels), then one recurrence
+  step per head (softplus of dt, decay, state update in place, ``y = S·C + D x``) fused with the
+  per-head gated RMSNorm.
 
 All accumulate in float32. Pure-PyTorch equivalents live in :mod:`mmdistill.kernels.fused`; the
 GPU tests compare the two.
@@ -238,12 +238,12 @@ def _conv_bwd_kernel(
     tl.store(DB + part * C_TOTAL + ch, db)
 
 
-def _regions(groups_x: int, groups_b: int, heads: int, p: int, n: int) -> list[tuple]:
+def _regions(groups: int, heads: int, p: int, n: int) -> list[tuple[int, int, int, int]]:
     """``(channel offset, per-group width, groups, repeats)`` of the x, B and C regions."""
     return [
-        (0, p, groups_x, heads // groups_x),
-        (groups_x * p, n, groups_b, heads // groups_b),
-        (groups_x * p + groups_b * n, n, heads, 1),
+        (0, p, groups, heads // groups),
+        (groups * p, n, groups, heads // groups),
+        (groups * (p + n), n, heads, 1),
     ]
 
 
@@ -260,9 +260,7 @@ def _conv_forward(xbc, weight, bias, state, heads, groups, p, n, out_dtype):
     has_state = state is not None and k > 1
     s = state if has_state else xbc
     s_strides = (s.stride(0), s.stride(1), s.stride(2)) if has_state else (0, 0, 0)
-    for (ch0, width, ngroups, reps), out in zip(
-        _regions(groups, groups, heads, p, n), outs, strict=True
-    ):
+    for (ch0, width, ngroups, reps), out in zip(_regions(groups, heads, p, n), outs, strict=True):
         block_c = _block_c(width)
         grid = (triton.cdiv(l, block_l), ngroups * width // block_c, b)
         _conv_fwd_kernel[grid](
@@ -287,9 +285,7 @@ def _conv_backward(grads, xbc, weight, bias, state, heads, groups, p, n):
     has_state = state is not None and k > 1
     s = state if has_state else xbc
     s_strides = (s.stride(0), s.stride(1), s.stride(2)) if has_state else (0, 0, 0)
-    for (ch0, width, ngroups, reps), grad in zip(
-        _regions(groups, groups, heads, p, n), grads, strict=True
-    ):
+    for (ch0, width, ngroups, reps), grad in zip(_regions(groups, heads, p, n), grads, strict=True):
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
         block_c = _block_c(width)
