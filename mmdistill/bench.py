@@ -31,6 +31,7 @@ import gc
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -332,9 +333,8 @@ def measure(
     }
 
 
-def _graph_for(candidate: Candidate, batch: int, device: torch.device):
-    if not candidate.cuda_graph:
-        return None
+def _graph_for(candidate: Candidate, batch: int):
+    """A captured decode step for ``batch`` rows (warm-up, compilation and capture happen here)."""
     from .graph_decode import GraphDecoder
 
     return GraphDecoder(candidate.model, batch, compile=candidate.compile)
@@ -380,7 +380,7 @@ def run_bench(
                     progress(f"{candidate.name}: batch {batch}, length {length}")
                 try:
                     if graph is None and candidate.cuda_graph:
-                        graph = _graph_for(candidate, batch, device)
+                        graph = _graph_for(candidate, batch)
                     if warm:  # untimed: kernel compilation, autotuning, cuBLAS handles
                         chunk = candidate.prefill_chunk
                         short = min(max(settings.lengths), 2 * chunk + 1 if chunk else 1024)
@@ -468,7 +468,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def plot(document: dict, path) -> None:
+def plot(document: dict, path: str | Path) -> None:
     """Latency and memory against context length, one line per model (smallest batch).
 
     Three panels: prefill latency, decode latency per token, peak memory. Out-of-memory rows
@@ -528,12 +528,14 @@ def human_count(n: int) -> str:
 
 
 def format_bytes(n: int | None) -> str:
+    """Bytes as GiB with two decimals; ``-`` when unknown."""
     if n is None:
         return "-"
     return f"{n / 2**30:.2f}"
 
 
 def format_ms(ms: float | None) -> str:
+    """Milliseconds with three significant digits (whole numbers from 100); ``-`` when unknown."""
     if ms is None:
         return "-"
     if ms >= 100:
