@@ -248,7 +248,7 @@ class AttnContext:
 
     cos: torch.Tensor
     sin: torch.Tensor
-    attn_mask: torch.Tensor | None  # bool [b, 1, q, kv] (True = attend) or None
+    attn_mask: torch.Tensor | None  # bool [b, 1, q, kv] (True = attend), a CausalBias, or None
     is_causal: bool
     token_mask: torch.Tensor | None  # [b, q] real-token mask for the mixers, or None
 

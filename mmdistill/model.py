@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from .decoder import (
@@ -209,16 +210,20 @@ def build_attention_mask(
     sliding_window: int | None,
     device,
 ) -> tuple[torch.Tensor | None, bool]:
-    """Boolean ``[b|1, 1, q, kv]`` mask (True = attend) or ``(None, is_causal)``.
+    """The ``attn_mask`` for SDPA and whether to pass ``is_causal``.
 
-    Queries are the last ``q_len`` of ``kv_len`` positions. Padding queries may attend to
-    themselves so no softmax row is empty (their outputs are never used).
+    Queries are the last ``q_len`` of ``kv_len`` positions. Without padding or a window this is
+    ``(None, True)`` for a whole sequence, ``(None, False)`` for one token, and a lower-right
+    causal bias for a chunk continuing a cache (which keeps SDPA's fused kernels, unlike a dense
+    mask). Otherwise a boolean ``[b|1, 1, q, kv]`` mask (True = attend); padding queries may
+    attend to themselves so no softmax row is empty (their outputs are never used).
     """
     if key_mask is None and sliding_window is None:
         if kv_len == q_len:
             return None, True
         if q_len == 1:
             return None, False
+        return causal_lower_right(q_len, kv_len), False
     q_idx = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
     k_idx = torch.arange(kv_len, device=device)[None, :]
     allowed = k_idx <= q_idx
