@@ -39,6 +39,8 @@ def _tiny_hovle(directory: Path) -> None:
 
 
 def builtin_teacher(name: str) -> Path:
+    from ..demo import teacher as _demo_teacher  # noqa: F401 - registers builtin:shapes-hovle
+
     if name not in BUILTIN_TEACHERS:
         raise TeacherError(
             f"unknown built-in teacher builtin:{name}; known: "
