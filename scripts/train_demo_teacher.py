@@ -2,9 +2,11 @@
 
 Trains the small HoVLE-format shapes teacher (:mod:`mmdistill.demo.teacher`), writes it, loads it
 back through ``mmdistill.load_teacher`` (the HoVLE path) and reports its held-out answer accuracy
-(greedy, one question at a time, per question kind) next to the question-only majority baseline::
+(greedy, one question at a time, per question kind) next to the question-only majority baseline;
+the results are added to the directory's ``shapes_teacher.json``::
 
     python scripts/train_demo_teacher.py --out runs/shapes-hovle --threads 2
+    python scripts/train_demo_teacher.py --out mmdistill/demo/shapes_hovle --threads 2  # shipped
     python scripts/train_demo_teacher.py --out /tmp/t --set steps=50 --json
 
 ``--set key=value`` overrides a :class:`~mmdistill.demo.teacher.ShapesTeacherConfig` field
@@ -23,7 +25,12 @@ import torch
 
 import mmdistill
 from mmdistill.data.synthetic import generate_samples, majority_baseline_accuracy
-from mmdistill.demo.teacher import build_shapes_teacher, config_with_overrides, evaluate_answers
+from mmdistill.demo.teacher import (
+    RECORD_NAME,
+    build_shapes_teacher,
+    config_with_overrides,
+    evaluate_answers,
+)
 from mmdistill.tokenizer import load_tokenizer
 
 
@@ -72,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         "questions": result["questions"],
         "per_kind": result["per_kind"],
     }
+    record_path = args.out / RECORD_NAME
+    record = json.loads(record_path.read_text())
+    record["heldout"] = {k: v for k, v in report.items() if k != "directory"}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
     if args.json:
         print(json.dumps(report, indent=2))
     else:

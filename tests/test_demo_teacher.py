@@ -22,6 +22,7 @@ from mmdistill.demo.teacher import (
     build_shapes_teacher,
     config_with_overrides,
     evaluate_answers,
+    shipped_teacher,
     to_hovle_state_dict,
     train_teacher,
     write_hovle_checkpoint,
@@ -148,3 +149,21 @@ def test_full_build_answers_held_out_questions(tmp_path):
     held_out = generate_samples(200, 0, split="eval", kinds=DEMO_KINDS)
     result = evaluate_answers(teacher, tokenizer, held_out)
     assert result["accuracy"] >= 0.8, (result, record)
+
+
+def test_shipped_teacher_is_current_and_used(tmp_path, monkeypatch):
+    """The repository's copy was built with today's default config; the builtin copies it."""
+    shipped = shipped_teacher()
+    if shipped is None:
+        pytest.skip("no shipped teacher for the current default config (it builds on first use)")
+    record = json.loads((shipped / "shapes_teacher.json").read_text())
+    assert record["config"] == ShapesTeacherConfig().to_dict()
+    assert record["heldout"]["accuracy"] >= 0.8
+    monkeypatch.setenv("MMDISTILL_CACHE", str(tmp_path))
+    monkeypatch.delenv(OVERRIDES_ENV, raising=False)
+    teacher = mmdistill.load_teacher(f"builtin:{BUILTIN_NAME}")
+    directory = tmp_path / "builtin" / BUILTIN_NAME
+    assert (directory / "model.safetensors").read_bytes() == (
+        shipped / "model.safetensors"
+    ).read_bytes()
+    assert teacher.config.num_layers == 6

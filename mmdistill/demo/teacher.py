@@ -38,9 +38,11 @@ included. The question kinds the teacher is trained and evaluated on are :data:`
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -89,10 +91,12 @@ __all__ = [
     "ShapesTeacherConfig",
     "TrainedTeacher",
     "answer_questions",
+    "SHIPPED_DIR",
     "build_shapes_teacher",
     "config_with_overrides",
     "evaluate_answers",
     "hovle_config",
+    "shipped_teacher",
     "to_hovle_state_dict",
     "train_teacher",
     "write_hovle_checkpoint",
@@ -111,6 +115,18 @@ attribute-conditioned counts ``count_shape`` and ``count_colour``, ``exists`` (a
 conjunction) and ``shape_at`` (its "on the left"/"at the top" forms need uniqueness checks)."""
 
 RECORD_NAME = "shapes_teacher.json"
+SHIPPED_DIR = Path(__file__).with_name("shapes_hovle")
+"""Where the repository ships the teacher built by ``scripts/train_demo_teacher.py`` with the
+default config (about 5 MB), so ``builtin:shapes-hovle`` needs no training."""
+_SHIPPED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    RECORD_NAME,
+)
 _SEP = "<|im_end|>"
 _TEMPLATE = "internlm2-chat"
 _ROWS = ("top", "bottom")
@@ -168,7 +184,7 @@ class ShapesTeacherConfig:
     kinds: tuple[str, ...] = DEMO_KINDS
     text_lines: int = 1000
     warmup_front_end_steps: int = 400
-    steps: int = 600
+    steps: int = 750
     batch_size: int = 56
     caption_batch_size: int = 8
     text_batch_size: int = 4
@@ -824,10 +840,35 @@ def build_shapes_teacher(
     return record
 
 
+def shipped_teacher(cfg: ShapesTeacherConfig | None = None) -> Path | None:
+    """The teacher shipped in the package (:data:`SHIPPED_DIR`), if it was built with ``cfg``.
+
+    Returns:
+        Its directory, or ``None`` when it is absent (e.g. not packaged), incomplete, or built
+        with another config or from other weights than its record states.
+    """
+    cfg = cfg or ShapesTeacherConfig()
+    record_path = SHIPPED_DIR / RECORD_NAME
+    if not record_path.exists() or not (SHIPPED_DIR / "model.safetensors").exists():
+        return None
+    record = json.loads(record_path.read_text())
+    if record.get("config") != cfg.to_dict():
+        return None
+    if record.get("weights_sha256") != sha256_file(SHIPPED_DIR / "model.safetensors"):
+        return None
+    return SHIPPED_DIR
+
+
 @register_builtin_teacher(BUILTIN_NAME)
 def _shapes_hovle(directory: Path) -> None:
-    """The demo's shapes teacher, trained deterministically on first use (a few minutes of CPU)."""
-    build_shapes_teacher(directory, config_with_overrides(os.environ.get(OVERRIDES_ENV, "")))
+    """The demo's shapes teacher: the shipped copy, else trained on first use (CPU minutes)."""
+    cfg = config_with_overrides(os.environ.get(OVERRIDES_ENV, ""))
+    shipped = shipped_teacher(cfg)
+    if shipped is None:
+        build_shapes_teacher(directory, cfg)
+        return
+    for name in _SHIPPED_FILES:
+        shutil.copy2(shipped / name, Path(directory) / name)
 
 
 # --------------------------------------------------------------------------------------------
