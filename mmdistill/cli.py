@@ -45,9 +45,9 @@ def _root(
 
 
 def _register() -> None:
-    from .commands import bench_cmd, eval_cmd, generate_cmd, run_cmd, seed_cmd
+    from .commands import bench_cmd, demo_cmd, eval_cmd, generate_cmd, run_cmd, seed_cmd
 
-    for module in (seed_cmd, eval_cmd, generate_cmd, run_cmd, bench_cmd):
+    for module in (seed_cmd, run_cmd, eval_cmd, generate_cmd, bench_cmd, demo_cmd):
         module.register(app)
 
 
