@@ -110,7 +110,7 @@ the cache keys built-in teachers by name only)."""
 
 DEMO_KINDS: tuple[str, ...] = ("count", "colour_at", "size", "side", "colour_of_shape")
 """Question kinds the demo teacher is trained on and the demo evaluates. Left out, because a
-three-minute CPU build does not learn them (they stay at the question-only baseline): the
+three-minute CPU build does not learn them (they stay near the question-only baseline): the
 attribute-conditioned counts ``count_shape`` and ``count_colour``, ``exists`` (a colour-shape
 conjunction) and ``shape_at`` (its "on the left"/"at the top" forms need uniqueness checks)."""
 
@@ -184,7 +184,7 @@ class ShapesTeacherConfig:
     kinds: tuple[str, ...] = DEMO_KINDS
     text_lines: int = 1000
     warmup_front_end_steps: int = 400
-    steps: int = 750
+    steps: int = 680
     batch_size: int = 56
     caption_batch_size: int = 8
     text_batch_size: int = 4
