@@ -22,7 +22,7 @@ from ..recipe import load_recipe
 from ..seeding import seed
 from ..teachers.loading import load_teacher, resolve_source
 from ..trainer import distill
-from .teacher import evaluate_answers
+from .teacher import DEMO_KINDS, evaluate_answers
 
 RECIPE = Path(__file__).with_name("recipe.yaml")
 LAYOUTS = {"hybrid": "every:2", "linear": "none"}
@@ -78,12 +78,14 @@ def run_demo(
         models[f"distilled {name}"] = load_student(runs[name]["student_dir"])
     tokenizer = tokenizer_for(teacher)
     shapes = recipe.data.shapes
+    # The question kinds the teacher was trained on (see DEMO_KINDS); about one of each per image.
     samples = generate_samples(
-        max(1, questions // 8),
+        max(1, questions // len(DEMO_KINDS)),
         seed=shapes.seed + 1,
         image_size=shapes.image_size,
         max_shapes=shapes.max_shapes,
         split="eval",
+        kinds=DEMO_KINDS,
     )
     eval_file = shapes_dataset(shapes)["eval"]
     quality = evaluate_many(

@@ -37,6 +37,7 @@ included. The question kinds the teacher is trained and evaluated on are :data:`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -859,7 +860,13 @@ def shipped_teacher(cfg: ShapesTeacherConfig | None = None) -> Path | None:
     return SHIPPED_DIR
 
 
-@register_builtin_teacher(BUILTIN_NAME)
+def _build_version() -> str:
+    """Cache key of the build: its config (defaults plus environment overrides)."""
+    cfg = config_with_overrides(os.environ.get(OVERRIDES_ENV, ""))
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@register_builtin_teacher(BUILTIN_NAME, version=_build_version)
 def _shapes_hovle(directory: Path) -> None:
     """The demo's shapes teacher: the shipped copy, else trained on first use (CPU minutes)."""
     cfg = config_with_overrides(os.environ.get(OVERRIDES_ENV, ""))

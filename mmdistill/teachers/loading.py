@@ -17,14 +17,19 @@ from .base import apply_rules, find_adapter
 
 ALIASES = {"hovle": "OpenGVLab/HoVLE"}
 # ``builtin:NAME`` teachers are built locally (deterministically) on first use and cached.
-BUILTIN_TEACHERS: dict[str, Callable[[Path], None]] = {}
+BUILTIN_TEACHERS: dict[str, tuple[Callable[[Path], None], str | Callable[[], str]]] = {}
 
 
-def register_builtin_teacher(name: str):
-    """Decorator: ``fn(directory)`` writes the checkpoint of ``builtin:name`` into ``directory``."""
+def register_builtin_teacher(name: str, version: str | Callable[[], str] = "1"):
+    """Decorator: ``fn(directory)`` writes the checkpoint of ``builtin:name`` into ``directory``.
+
+    ``version`` (a string, or a function computing one at build time) names the build: a cached
+    copy made by another version is rebuilt, so changing a builder's config never leaves users on
+    a stale teacher.
+    """
 
     def wrap(fn: Callable[[Path], None]):
-        BUILTIN_TEACHERS[name] = fn
+        BUILTIN_TEACHERS[name] = (fn, version)
         return fn
 
     return wrap
@@ -46,13 +51,16 @@ def builtin_teacher(name: str) -> Path:
             f"unknown built-in teacher builtin:{name}; known: "
             + ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_TEACHERS))
         )
+    build, version = BUILTIN_TEACHERS[name]
     out = cache_root() / "builtin" / name
-    if not (out / ".complete").exists():
+    marker = out / ".complete"
+    stamp = f"{name}:{version() if callable(version) else version}"
+    if not marker.exists() or marker.read_text() != stamp:
         from ..io import atomic_directory
 
         with atomic_directory(out, overwrite=True) as tmp:
-            BUILTIN_TEACHERS[name](tmp)
-            (tmp / ".complete").write_text(name)
+            build(tmp)
+            (tmp / ".complete").write_text(stamp)
     return out
 # Files copied next to a student so it tokenises and templates exactly like its teacher.
 TOKENIZER_FILES = (
