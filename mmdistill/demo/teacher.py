@@ -38,7 +38,6 @@ included. The question kinds the teacher is trained and evaluated on are :data:`
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -74,12 +73,12 @@ from ..io import sha256_file
 from ..model import DecoderLM, LMConfig
 from ..teachers.hovle import HoVLEAdapter, chat_prompt, prepare_images
 from ..teachers.hovle_fixture import (
-    TINY_SPECIAL_TOKENS,
     TinyHoVLESizes,
     _hovle_config,
     _tokenizer_files,
     _write_json,
     pack_wqkv_grouped,
+    train_sentencepiece,
 )
 from ..teachers.hovle_image import CHAT_TEMPLATES, IMG_CONTEXT_TOKEN, IMG_START_TOKEN
 from ..teachers.loading import register_builtin_teacher
@@ -406,25 +405,7 @@ def _train_tokenizer(corpus: _Corpus, vocab_size: int, max_examples: int = 20000
     for prompt, reply, _, _ in corpus.rendered[:max_examples]:
         lines += [prompt, reply] if prompt else [reply]
     lines += corpus.text
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=buffer,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        user_defined_symbols=list(TINY_SPECIAL_TOKENS),
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        num_threads=1,
-        minloglevel=2,
-    )
-    return buffer.getvalue()
+    return train_sentencepiece(lines, vocab_size)
 
 
 def _tokenizer_from_proto(proto: bytes) -> tuple[SentencePieceTokenizer, dict, dict]:

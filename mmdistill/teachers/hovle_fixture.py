@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,11 +143,12 @@ def pack_wqkv_grouped(q: Tensor, k: Tensor, v: Tensor, num_key_value_heads: int)
     return groups.reshape(-1, hidden).contiguous()
 
 
-def _train_tokenizer(vocab_size: int) -> bytes:
-    """Train the fixture's BPE sentencepiece model (InternLM2 id conventions) in memory."""
+def train_sentencepiece(lines: Sequence[str], vocab_size: int) -> bytes:
+    """Train an InternLM2-style BPE sentencepiece model in memory (unk 0, bos 1, eos 2, the
+    image and chat special tokens as user-defined symbols, byte fallback, no normalisation)."""
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_TRAINING_TEXT * 4),
+        sentence_iterator=iter(lines),
         model_writer=buffer,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -163,6 +165,11 @@ def _train_tokenizer(vocab_size: int) -> bytes:
         minloglevel=2,
     )
     return buffer.getvalue()
+
+
+def _train_tokenizer(vocab_size: int) -> bytes:
+    """The fixture's tokenizer, trained on a few fixed lines."""
+    return train_sentencepiece(_TRAINING_TEXT * 4, vocab_size)
 
 
 def _layer_tensors(
