@@ -23,10 +23,10 @@ config, thread count and machine: bit-identical weights):
    point at the text embeddings of the words describing its cell (colour, shape, size, row,
    column), and the LM head starts as a copy of those embeddings. Without this, attention from the
    question to the right image token takes thousands of steps to appear; with it, a few hundred;
-5. train the whole model with next-token cross-entropy on answers, captions and text; every step
-   mixes the three (never batches of one question kind). All image examples share their first
-   tokens (BOS, the system turn, ``<|im_start|>user\\n<img>``): that prefix runs once per batch
-   and each example continues from its cached keys and values;
+5. train the whole model with next-token cross-entropy on answers and captions (text
+   optional); every step mixes them (never batches of one question kind). All image examples
+   share their first tokens (BOS, the system turn, ``<|im_start|>user\\n<img>``): that prefix
+   runs once per batch and each example continues from its cached keys and values;
 6. convert the weights to HoVLE's names (:func:`to_hovle_state_dict`, the inverse of the
    adapter's rules) and write the directory.
 
@@ -153,12 +153,13 @@ class ShapesTeacherConfig:
         n_images: Generated training images.
         max_shapes: Most shapes per image (1-4).
         kinds: Question kinds trained on (entries of ``QA_KINDS``).
-        text_lines: Lines of templated text (plain language modelling, no image).
+        text_lines: Lines of templated text; they train the tokenizer, and the model too when
+            ``text_batch_size`` is positive (plain language modelling, no image).
         warmup_front_end_steps: Steps of the front-end alignment before language modelling.
         steps: Language-modelling optimiser steps.
         batch_size: Question/answer examples per step.
         caption_batch_size: Caption examples per step ("Describe the image.").
-        text_batch_size: Text examples per step.
+        text_batch_size: Text examples per step (0: the step time goes to images instead).
         caption_weight: Weight of the caption loss (each part's loss is a per-token mean).
         text_weight: Weight of the text loss.
         lr: Peak learning rate (AdamW).
@@ -184,10 +185,10 @@ class ShapesTeacherConfig:
     kinds: tuple[str, ...] = DEMO_KINDS
     text_lines: int = 1000
     warmup_front_end_steps: int = 400
-    steps: int = 680
+    steps: int = 760
     batch_size: int = 56
     caption_batch_size: int = 8
-    text_batch_size: int = 4
+    text_batch_size: int = 0
     caption_weight: float = 1.0
     text_weight: float = 0.5
     lr: float = 2e-3
@@ -250,8 +251,6 @@ def config_with_overrides(
         try:
             if types[key] is tuple:
                 changes[key] = tuple(v.strip() for v in value.split("|") if v.strip())
-            elif types[key] is bool:
-                changes[key] = value.strip().lower() in ("1", "true", "yes")
             else:
                 changes[key] = types[key](value.strip())
         except ValueError as exc:
