@@ -62,6 +62,8 @@ def builtin_teacher(name: str) -> Path:
             build(tmp)
             (tmp / ".complete").write_text(stamp)
     return out
+
+
 # Files copied next to a student so it tokenises and templates exactly like its teacher.
 TOKENIZER_FILES = (
     "tokenizer.json",
