@@ -77,3 +77,11 @@ def llama_teacher(llama_dir):
     from mmdistill import load_teacher
 
     return load_teacher(str(llama_dir))
+
+
+@pytest.fixture(scope="module")
+def hovle():
+    """The random tiny HoVLE-format teacher (built on first use into the cache)."""
+    from mmdistill import load_teacher
+
+    return load_teacher("builtin:tiny-hovle")

@@ -28,20 +28,6 @@ from mmdistill.teachers.hovle import expand_prompt, prepare_images
 from mmdistill.teachers.hovle_image import render_chat
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and a busy 2-core box loses a lot to them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def hovle():
-    return mmdistill.load_teacher("builtin:tiny-hovle")
-
-
 @pytest.fixture
 def ctx(hovle):
     return DataContext(hovle.config, hovle.config.teacher["directory"], system_message="")

@@ -16,14 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cli(monkeypatch, *args: str) -> int:
     monkeypatch.setattr(sys, "argv", ["mmdistill", *args])
     try:

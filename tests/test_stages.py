@@ -19,19 +19,6 @@ from mmdistill.stages import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def hovle():
-    return mmdistill.load_teacher("builtin:tiny-hovle")
-
-
 @pytest.fixture(scope="module")
 def hybrid(hovle):
     return mmdistill.seed(hovle, attention_layers="0,2").float()
