@@ -120,3 +120,60 @@ def test_dispatch_and_validation():
         ssd_chunked(**inputs, chunk_size=0)
     with pytest.raises(ValueError, match="groups"):
         ssd_naive(**make_inputs(5, heads=6, groups_b=4))
+
+
+@pytest.mark.parametrize("return_final", [False, True])
+@pytest.mark.parametrize("initial", [False, True])
+def test_triton_wrapper_segments_long_sequences(monkeypatch, initial, return_final):
+    """Past CUDA's grid limit ``ssd_triton`` runs segments of whole chunks with the state carried
+    over. The kernel is stood in for by the chunked PyTorch SSD behind mamba-ssm's signature (it
+    records each call's length); the result must equal one float64 recurrence over the whole
+    sequence, gradients included. The wrapper casts the per-head parameters and the state to
+    float32 as mamba-ssm wants, so they are drawn float32-exact and the state compared at float32
+    precision."""
+    from mmdistill.kernels import triton as triton_backend
+
+    calls = []
+
+    def chunk_scan(x, dt, A, B, C, chunk_size, *, initial_states, return_final_states, **kw):
+        calls.append((x.shape[1], B.shape[2], initial_states is not None))
+        return ssd_chunked(
+            x,
+            dt,
+            A,
+            B,
+            C,
+            chunk_size=chunk_size,
+            initial_state=initial_states,
+            return_final_state=return_final_states,
+            **kw,
+        )
+
+    monkeypatch.setattr(triton_backend, "_require", lambda: {"fns": (chunk_scan, None)})
+    monkeypatch.setattr(triton_backend, "GRID_LIMIT", 13)  # 13 // 6 groups: 2 chunks per call
+    inputs = make_inputs(150, heads=6, groups_b=2, groups_c=6, initial=initial)
+    leaves = {
+        k: (v.float().double() if k in ("A", "D", "dt_bias", "initial_state") else v)
+        .clone()
+        .requires_grad_(True)
+        for k, v in inputs.items()
+        if v is not None
+    }
+    out = triton_backend.ssd_triton(**leaves, chunk_size=16, return_final_state=return_final)
+    reference = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    y_ref, s_ref = ssd_naive(**reference, return_final_state=True)
+
+    assert [c[0] for c in calls] == [32, 32, 32, 32, 22]
+    assert all(c[1] == 6 for c in calls)  # B expanded to one group per head
+    assert [c[2] for c in calls] == [initial, True, True, True, True]
+    y, s = out if return_final else (out, None)
+    assert rel_err(y, y_ref) < 1e-10
+    w = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)
+    loss, loss_ref = (y * w).sum(), (y_ref * w).sum()
+    if return_final:
+        assert s.dtype == torch.float32 and rel_err(s, s_ref) < 1e-7
+        loss, loss_ref = loss + (s * 0.3).sum(), loss_ref + (s_ref * 0.3).sum()
+    loss.backward()
+    loss_ref.backward()
+    for key in leaves:
+        assert rel_err(leaves[key].grad, reference[key].grad) < 1e-7, key

@@ -87,6 +87,60 @@ def test_ssd_triton_matches_chunked_forward_and_backward(dtype, length):
         assert rel(g_t[key], g_r[key]) < 2 * TOL[dtype], key
 
 
+def test_ssd_triton_segments_match_one_call(monkeypatch):
+    """The real kernel run in segments of 3 chunks (a lowered grid limit) equals one call, and
+    both equal the float64 reference, gradients included."""
+    inputs = ssd_inputs(1000, torch.float32)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    outputs = []
+    for limit in (triton_backend.GRID_LIMIT, 12):  # 12 // 4 heads: 3 chunks of 64 per call
+        monkeypatch.setattr(triton_backend, "GRID_LIMIT", limit)
+        for v in leaves.values():
+            v.grad = None
+        y, s = ssd(**leaves, return_final_state=True, chunk_size=64, backend="triton")
+        ((y.double() * 0.01).sum() + (s.double() * 0.3).sum()).backward()
+        outputs.append((y.detach(), s.detach(), {k: v.grad.clone() for k, v in leaves.items()}))
+    ref = {k: v.detach().double() for k, v in inputs.items()}
+    y_r, s_r = ssd_chunked(**ref, return_final_state=True, chunk_size=64)
+    (y_1, s_1, g_1), (y_n, s_n, g_n) = outputs
+    assert rel(y_n, y_r) < TOL[torch.float32] and rel(s_n, s_r) < TOL[torch.float32]
+    assert rel(y_n, y_1) < 1e-3 and rel(s_n, s_1) < 1e-3
+    for key in g_1:
+        assert rel(g_n[key], g_1[key]) < 1e-3, key
+
+
+def test_ssd_triton_past_the_grid_limit():
+    """300,000 tokens with 16 heads is past one launch's 65,535 grid rows (262,080 tokens):
+    the segmented call runs and matches the chunked PyTorch SSD."""
+    inputs = ssd_inputs(300_000, torch.bfloat16, heads=16, groups_b=8, p=32, n=32, batch=1)
+    assert inputs["x"].shape[1] > triton_backend.segment_length(1, 16, 64)
+    y, s = ssd(**inputs, return_final_state=True, chunk_size=64, backend="triton")
+    ref = {k: v.float() for k, v in inputs.items()}
+    y_r, s_r = ssd_chunked(**ref, return_final_state=True, chunk_size=256)
+    assert rel(y, y_r) < TOL[torch.bfloat16] and rel(s, s_r) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("gate_before", [False, True])
+def test_gated_norm_row_blocks_match_one_call(monkeypatch, gate_before):
+    """Past 2**31 elements the gated norm runs in blocks of rows (here 7 rows, a lowered limit):
+    outputs and gradients equal one call's. The gate is a view with a wider row stride, as in
+    the mixer, where it is a slice of the packed in-projection."""
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    packed = torch.randn(2, 50, 512, generator=g, device=CUDA)
+    y0 = torch.randn(2, 50, 256, generator=g, device=CUDA)
+    w0 = torch.rand(256, generator=g, device=CUDA) + 0.5
+    results = []
+    for limit in (triton_backend.INT32_MAX, 8 * 512):
+        monkeypatch.setattr(triton_backend, "INT32_MAX", limit)
+        leaves = [t.clone().requires_grad_(True) for t in (packed, y0, w0)]
+        z = leaves[0][..., 128:384]
+        out = triton_backend.gated_rmsnorm_triton(leaves[1], z, leaves[2], 1e-5, 64, gate_before)
+        (out * torch.linspace(-1, 1, out.numel(), device=CUDA).view_as(out)).sum().backward()
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for one, blocks in zip(*results, strict=True):
+        assert rel(blocks, one) < 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_ssd_step_triton_matches_reference(dtype, with_bias):

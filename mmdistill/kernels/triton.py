@@ -73,6 +73,20 @@ def import_error() -> str | None:
     return _state["error"]
 
 
+# CUDA caps a launch grid's y and z dimensions at 65,535 blocks, and mamba-ssm's SSD kernels put
+# batch x chunks or chunks x groups there: one call takes at most 65,535 // max(batch, groups)
+# chunks (262,080 tokens at batch 1 with 16 groups of chunk 64; past that the launch fails with
+# "invalid argument"). Longer sequences run in segments of whole chunks, each starting from the
+# previous segment's final state: the same state passing the kernel does between its chunks.
+GRID_LIMIT = 65535
+INT32_MAX = 2**31 - 1
+
+
+def segment_length(batch: int, groups: int, chunk_size: int) -> int:
+    """Tokens one ``mamba_chunk_scan_combined`` call can take within :data:`GRID_LIMIT`."""
+    return max(1, GRID_LIMIT // max(batch, groups)) * chunk_size
+
+
 def ssd_triton(
     x,
     dt,
@@ -88,28 +102,44 @@ def ssd_triton(
     return_final_state=False,
 ):
     """``mamba_chunk_scan_combined``; B and C are expanded to one group per head because the
-    kernel needs equal group counts (C is per head already for seeded mixers)."""
+    kernel needs equal group counts (C is per head already for seeded mixers). Sequences longer
+    than :func:`segment_length` run in segments (see :data:`GRID_LIMIT`)."""
     chunk_scan, _ = _require()["fns"]
     h = x.shape[2]
     if B.shape[2] != C.shape[2]:
         B, C = expand_groups(B, h, 2), expand_groups(C, h, 2)
-    out = chunk_scan(
-        x.contiguous(),
-        dt.contiguous(),
-        A.float(),
-        B.contiguous(),
-        C.contiguous(),
-        chunk_size,
-        D=None if D is None else D.float(),
-        dt_bias=None if dt_bias is None else dt_bias.float(),
-        initial_states=None if initial_state is None else initial_state.float(),
-        dt_softplus=dt_softplus,
-        return_final_states=return_final_state,
-    )
+    kwargs = {
+        "D": None if D is None else D.float(),
+        "dt_bias": None if dt_bias is None else dt_bias.float(),
+        "dt_softplus": dt_softplus,
+    }
+    length = x.shape[1]
+    step = segment_length(x.shape[0], B.shape[2], chunk_size)
+    state = None if initial_state is None else initial_state.float()
+    ys = []
+    for start in range(0, max(length, 1), step):
+        part = slice(start, start + step)
+        last = start + step >= length
+        out = chunk_scan(
+            x[:, part].contiguous(),
+            dt[:, part].contiguous(),
+            A.float(),
+            B[:, part].contiguous(),
+            C[:, part].contiguous(),
+            chunk_size,
+            initial_states=state,
+            return_final_states=return_final_state or not last,
+            **kwargs,
+        )
+        if return_final_state or not last:
+            y, state = out
+        else:
+            y = out
+        ys.append(y)
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
     if return_final_state:
-        y, final = out
-        return y, final.float()
-    return out
+        return y, state.float()
+    return y
 
 
 def ssd_step_triton(state, x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=True):
@@ -159,6 +189,23 @@ def gated_rmsnorm_triton(
     Returns:
         ``y.dtype`` tensor of ``y``'s shape.
     """
-    return _require()["rmsnorm_fn"](
-        y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=not gate_before
-    )
+    norm = _require()["rmsnorm_fn"]
+    width = y.shape[-1]
+    y2, z2 = y.reshape(-1, width), z.reshape(-1, width)
+    # The kernel offsets rows by ``row * row_stride`` in 32-bit arithmetic (forward and
+    # backward), which wraps past 2**31 elements (a 512K-token sequence whose gate is a view into
+    # the packed in-projection): long inputs go through in blocks of rows (views, no copies).
+    step = max(1, INT32_MAX // max(y2.stride(0), z2.stride(0), width) - 1)
+    outs = [
+        norm(
+            y2[start : start + step],
+            weight,
+            None,
+            z=z2[start : start + step],
+            eps=eps,
+            group_size=group_size,
+            norm_before_gate=not gate_before,
+        )
+        for start in range(0, max(y2.shape[0], 1), step)
+    ]
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)).view(y.shape)
