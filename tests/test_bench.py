@@ -142,3 +142,16 @@ def test_cli_bench_needs_one_teacher(llama_dir):
         ["bench", "--teacher", str(llama_dir), "--random-shape", "tiny", "--seed-layout", "none"],
     )
     assert result.exit_code != 0
+
+
+def test_cli_bench_teacher_alone_and_nothing_to_measure(llama_dir):
+    """Without students the teacher rows alone are measured (a baseline); with --skip-teacher
+    as well there is nothing to measure, which is a clear error."""
+    args = ["bench", "--teacher", str(llama_dir), "--lengths", "12", "-n", "2", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--dtype", "float32", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [m["name"] for m in doc["models"]] == ["teacher", "teacher (static KV)"]
+    assert doc["ratios"] == [] and {r["status"] for r in doc["results"]} == {"ok"}
+    result = CliRunner().invoke(app, [*args, "--skip-teacher"])
+    assert result.exit_code != 0 and "nothing to measure" in str(result.exception)

@@ -92,8 +92,11 @@ def bench_command(
         raise typer.BadParameter("give at least one length and one batch size")
     if (teacher is None) == (random_shape is None):
         raise MmdistillError("give exactly one of --teacher SRC and --random-shape NAME")
-    if not student and not seed_layout:
-        raise MmdistillError("give a student: --student DIR or --seed-layout SPEC")
+    if skip_teacher and not student and not seed_layout:
+        raise MmdistillError(
+            "nothing to measure: give a student (--student DIR or --seed-layout SPEC) or drop "
+            "--skip-teacher"
+        )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
