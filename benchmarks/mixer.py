@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from mmdistill.bench import human_count, parse_counts
 from mmdistill.decoder import Attention, AttnContext, KVState, Rotary, StackConfig
-from mmdistill.mixer import Mamba2Mixer, MixerConfig, MixerState
+from mmdistill.mixer import CHUNK_DEFAULTS, Mamba2Mixer, MixerConfig, MixerState
 
 GPU_SHAPE = dict(hidden=2048, heads=16, kv_heads=8, head_dim=128)
 CPU_SHAPE = dict(hidden=256, heads=4, kv_heads=2, head_dim=64)
@@ -345,12 +345,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--lengths", default=None, help="comma list, e.g. 2k,8k,32k,128k")
-    parser.add_argument("--chunk-size", type=int, default=64, help="the mixer's SSD chunk")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="the mixer's SSD chunk (default: the mixer's own for the device, CHUNK_DEFAULTS)",
+    )
     parser.add_argument("--chunk-sizes", default="64,128,256", help="bare-kernel chunk sizes")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--profile", type=int, default=0, help="profile at this many tokens")
     parser.add_argument("--profile-out", default="mixer_profile.txt")
     args = parser.parse_args(argv)
+    if args.chunk_size is None:
+        args.chunk_size = CHUNK_DEFAULTS["triton" if args.device == "cuda" else "torch"]
     if args.chunk_size not in [int(c) for c in args.chunk_sizes.split(",")]:
         args.chunk_sizes += f",{args.chunk_size}"
     doc = run(args)

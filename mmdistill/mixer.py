@@ -41,6 +41,11 @@ from .kernels import fused as fused_kernels
 from .kernels import triton as triton_backend
 
 GATE_ORDERS = ("before_norm", "after_norm")
+# SSD chunk length per concrete backend when the config leaves it open. mamba-ssm's kernels use
+# 256 (their own default): at 128k tokens on an H100 the mixer forward took 11.75 ms against
+# 12.94 ms with 64 (docs/benchmarks.md). The PyTorch SSD's intra-chunk work grows with the chunk,
+# so the CPU path keeps 64.
+CHUNK_DEFAULTS = {"triton": 256, "torch": 64, "naive": 64}
 
 # Parameter-name prefix -> role, for the trainer's parameter groups.
 INHERITED_ROLES = {"c_proj": "qkv", "b_proj": "qkv", "x_proj": "qkv", "out_proj": "out_proj"}
@@ -62,7 +67,8 @@ class MixerConfig:
         qkv_bias: biases on the C/B/x projections (Qwen2-style teachers).
         out_bias: bias on out_proj.
         norm_eps: epsilon of the gated RMSNorm.
-        chunk_size: SSD chunk length.
+        chunk_size: SSD chunk length; ``None`` (default) picks one per backend
+            (:data:`CHUNK_DEFAULTS`). The result does not depend on it, only speed and memory.
         backend: SSD implementation, see :data:`mmdistill.kernels.BACKENDS`.
         dt_min, dt_max: range of the log-uniform initial step size.
         A_log_init: initial ``A_log`` (A = -exp(A_log)).
@@ -79,7 +85,7 @@ class MixerConfig:
     qkv_bias: bool = False
     out_bias: bool = False
     norm_eps: float = 1e-5
-    chunk_size: int = 64
+    chunk_size: int | None = None
     backend: str = "auto"
     dt_min: float = 1e-3
     dt_max: float = 1e-1
@@ -99,6 +105,8 @@ class MixerConfig:
             "chunk_size",
         ):
             value = getattr(self, name)
+            if name == "chunk_size" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if self.num_heads % self.num_kv_heads:
@@ -114,6 +122,10 @@ class MixerConfig:
             raise ValueError(f"need 0 < dt_min <= dt_max; got {self.dt_min}, {self.dt_max}")
         if self.norm_eps <= 0:
             raise ValueError(f"norm_eps must be positive; got {self.norm_eps}")
+
+    def chunk_for(self, backend: str) -> int:
+        """The SSD chunk length used with the concrete ``backend``."""
+        return self.chunk_size or CHUNK_DEFAULTS[backend]
 
     @property
     def conv_dim(self) -> int:
@@ -379,6 +391,7 @@ class Mamba2Mixer(nn.Module):
         B = B.reshape(b, l, g, n)
         C = C.reshape(b, l, h, n)
         D = self.D
+        chunk = c.chunk_for(resolve_backend(backend, x.device))
         if state is not None and l == 1:
             y = ssd_step(
                 state.ssm,
@@ -402,14 +415,12 @@ class Mamba2Mixer(nn.Module):
                 dt_softplus=False,
                 initial_state=state.ssm,
                 return_final_state=True,
-                chunk_size=c.chunk_size,
+                chunk_size=chunk,
                 backend=backend,
             )
             state.ssm = _assign_(state.ssm, final)
         else:
-            y = ssd(
-                x, dt, A, B, C, D=D, dt_softplus=False, chunk_size=c.chunk_size, backend=backend
-            )
+            y = ssd(x, dt, A, B, C, D=D, dt_softplus=False, chunk_size=chunk, backend=backend)
         y = self._gated_norm(y.reshape(b, l, h * p), z)
         return self.out_proj(y)
 
@@ -496,7 +507,7 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(at_least_fp32(self.A_log))
         if state is None:
             return triton_backend.ssd_triton(
-                x, dt, A, B, C, chunk_size=c.chunk_size, D=self.D, dt_softplus=False
+                x, dt, A, B, C, chunk_size=c.chunk_for("triton"), D=self.D, dt_softplus=False
             )
         y, final = triton_backend.ssd_triton(
             x,
@@ -504,7 +515,7 @@ class Mamba2Mixer(nn.Module):
             A,
             B,
             C,
-            chunk_size=c.chunk_size,
+            chunk_size=c.chunk_for("triton"),
             D=self.D,
             dt_softplus=False,
             initial_state=state.ssm,

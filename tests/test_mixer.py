@@ -177,3 +177,23 @@ def test_config_json_round_trip():
     assert MixerConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="bogus"):
         MixerConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_chunk_size_defaults_per_backend_and_does_not_change_the_result():
+    """An open chunk size picks 256 for mamba-ssm's kernels and 64 for the PyTorch SSD, survives
+    the JSON round trip, and any chunk gives the same float64 output as the reference."""
+    from mmdistill.mixer import CHUNK_DEFAULTS
+
+    cfg = MixerConfig(hidden_size=24, num_heads=6, num_kv_heads=2, head_dim=4)
+    assert cfg.chunk_size is None
+    assert cfg.chunk_for("triton") == CHUNK_DEFAULTS["triton"] == 256
+    assert cfg.chunk_for("torch") == CHUNK_DEFAULTS["torch"] == 64
+    assert MixerConfig.from_dict(cfg.to_dict()).chunk_size is None
+    assert MixerConfig(24, 6, 2, 4, chunk_size=32).chunk_for("triton") == 32
+    base = make_mixer()
+    u = torch.randn(2, 150, 24, dtype=torch.float64)
+    expected = reference(base, u)
+    for chunk in (None, 5, 256):
+        m = make_mixer()
+        m.config.chunk_size = chunk
+        assert (m(u) - expected).abs().max() < 1e-10, chunk
