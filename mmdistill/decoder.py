@@ -9,15 +9,19 @@ a teacher and its student run the same code except for the mixers that seeding r
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .mixer import Mamba2Mixer, MixerConfig, MixerState, at_least_fp32
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+# SDPA implementations allowed when attention reads a KV cache (see Attention.forward).
+CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -284,14 +288,21 @@ class Attention(nn.Module):
         k = apply_rope(k, ctx.cos, ctx.sin)
         if state is not None:
             k, v = state.update(k, v)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=ctx.attn_mask,
-            is_causal=ctx.is_causal and ctx.attn_mask is None,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+        # Reading earlier tokens from a cache, the key length changes at every decode step (and
+        # prefill chunk). PyTorch 2.11 on an H100 picks cuDNN attention for these calls, and cuDNN
+        # builds a new execution plan for each new shape: 35-60 ms per step against 0.3-0.8 ms
+        # with the flash kernel (benchmarks/attn_decode.py, docs/benchmarks.md). Such calls
+        # leave cuDNN out; a prompt's first pass (as many keys as queries) keeps the default.
+        reads_cache = k.shape[-2] != q.shape[-2]
+        with sdpa_kernel(CACHED_SDPA_BACKENDS) if reads_cache else nullcontext():
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=ctx.attn_mask,
+                is_causal=ctx.is_causal and ctx.attn_mask is None,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))
 
 

@@ -1,0 +1,96 @@
+"""Why does one attention decode step take tens of milliseconds on the H100?
+
+Times ``decoder.Attention`` decoding one token (batch 1, HoVLE shape: hidden 2048, 16 heads,
+8 KV heads of 128, bf16) against a context of each length, with a growing and a static KV
+cache, under PyTorch's default SDPA backend choice and each backend forced alone; then profiles
+one default step (kernels and CPU ops by time). Prints a table; ``--profile-out`` gets the
+profile. Usage: ``python3 benchmarks/attn_decode.py --lengths 2k,32k,128k``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from mixer import GPU_SHAPE, build, context, timed  # noqa: E402
+
+from mmdistill.bench import parse_counts  # noqa: E402
+from mmdistill.decoder import KVState  # noqa: E402
+
+BACKENDS = {
+    "default": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def step_fn(attn, rotary, length, kind, device, dtype):
+    one = torch.randn(1, 1, GPU_SHAPE["hidden"], device=device, dtype=dtype)
+    u = torch.randn(1, length, GPU_SHAPE["hidden"], device=device, dtype=dtype)
+    kv = (
+        KVState.static(1, attn.num_kv_heads, length + 600, attn.head_dim, device, dtype)
+        if kind == "static"
+        else KVState()
+    )
+    with torch.no_grad():
+        attn(u, context(rotary, 0, length, device, dtype), kv)
+    ctx = context(rotary, length, 1, device, dtype, causal=False)
+
+    def step():
+        if kv.capacity is not None and kv.length + 1 > kv.capacity:
+            kv.length = length
+        with torch.no_grad():
+            attn(one, ctx, kv)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", default="2k,32k,128k")
+    parser.add_argument("--profile-out", default="attn_decode_profile.txt")
+    args = parser.parse_args()
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    _, attn, rotary = build(GPU_SHAPE, device, dtype, 256)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, ms per step (median)")
+    print("| L | KV | " + " | ".join(BACKENDS) + " |")
+    print("|---:|---|" + "---:|" * len(BACKENDS))
+    for length in parse_counts(args.lengths):
+        for kind in ("growing", "static"):
+            cells = []
+            for backend in BACKENDS.values():
+                try:
+                    step = step_fn(attn, rotary, length, kind, device, dtype)
+                    if backend is None:
+                        cells.append(f"{timed(step, device, 300):.3f}")
+                    else:
+                        with sdpa_kernel([backend]):
+                            cells.append(f"{timed(step, device, 300):.3f}")
+                except RuntimeError as exc:
+                    cells.append("n/a" if "No available kernel" in str(exc) else "error")
+                torch.cuda.empty_cache()
+            print(f"| {length} | {kind} | " + " | ".join(cells) + " |", flush=True)
+    step = step_fn(attn, rotary, parse_counts(args.lengths)[0], "static", device, dtype)
+    for _ in range(3):
+        step()
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    text += "\n" + prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+    Path(args.profile_out).write_text(text)
+    print(text[:6000])
+
+
+if __name__ == "__main__":
+    main()
