@@ -178,3 +178,35 @@ def test_static_kv_cache_full_and_select(tiny):
     torch.testing.assert_close(cache.layers[0].k[0], cache.layers[0].k[1])
     cache.reset()
     assert cache.seen == 0 and cache.layers[0].length == 0 and cache.layers[0].k.shape[2] == 0
+
+
+def test_attention_reading_a_cache_leaves_cudnn_out(tiny, monkeypatch):
+    """cuDNN's per-shape set-up costs tens of milliseconds per decode step on an H100
+    (docs/benchmarks.md), so attention that reads earlier tokens from a cache restricts SDPA to
+    the other backends; a prompt's first pass keeps PyTorch's default. Recorded on CPU by
+    wrapping the context manager the decoder uses; the logits stay those of the unrestricted
+    computation."""
+    from mmdistill import decoder
+
+    calls = []
+    real = decoder.sdpa_kernel
+
+    def recording(backends, *args, **kwargs):
+        calls.append(list(backends))
+        return real(backends, *args, **kwargs)
+
+    monkeypatch.setattr(decoder, "sdpa_kernel", recording)
+    teacher, _ = tiny
+    layers = sum(1 for t in teacher.config.layer_types if t == "attention")
+    ids = torch.randint(0, 256, (1, 20))
+    cache = LMCache(teacher, 1, ids.device, teacher.dtype)
+    with torch.no_grad():
+        prefill(teacher, cache, ids[:, :12])  # first pass: as many keys as queries
+        assert calls == []
+        prefill(teacher, cache, ids[:, 12:16], chunk_size=2)  # later chunks read the cache
+        stepped = teacher(ids[:, 16:17], cache=cache).logits[:, -1]
+        full = teacher(ids[:, :17]).logits[:, -1]
+    assert len(calls) == 3 * layers
+    assert all(c == decoder.CACHED_SDPA_BACKENDS for c in calls)
+    assert torch.nn.attention.SDPBackend.CUDNN_ATTENTION not in decoder.CACHED_SDPA_BACKENDS
+    torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
