@@ -125,3 +125,34 @@ def test_image_errors(hovle_student, chat_dir, tmp_path):
     )
     assert proc.returncode == 2
     assert "image file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "bench"])
+def test_bad_device_or_dtype_is_a_clear_error_before_loading(command, tmp_path):
+    """A mistyped device, CUDA on a machine without it and an unknown dtype stop before any model
+    loads, with one line naming the fix (no torch traceback)."""
+    from mmdistill.commands.options import resolve_device
+    from mmdistill.errors import MmdistillError
+
+    args = {
+        "generate": ["generate", str(tmp_path), "--prompt", "hi"],
+        "eval": ["eval", "--student", str(tmp_path), "--teacher", str(tmp_path), "--tasks", ""],
+        "bench": ["bench", "--teacher", str(tmp_path), "--seed-layout", "none"],
+    }[command]
+    if command == "eval":
+        data = tmp_path / "d.txt"
+        data.write_text("some text\n")
+        args = [*args[:-2], "--data", str(data)]
+    runner = CliRunner()
+    result = runner.invoke(app, [*args, "--device", "cdua"])
+    assert isinstance(result.exception, MmdistillError), result.output
+    assert "unknown device 'cdua'" in str(result.exception)
+    result = runner.invoke(app, [*args, "--dtype", "float8"])
+    assert result.exit_code == 2 and "unknown dtype" in result.output
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, [*args, "--device", "cuda"])
+        assert "CUDA is not available here" in str(result.exception)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(MmdistillError, match="unsupported device"):
+        resolve_device("meta")

@@ -9,8 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import MmdistillError
-
-DTYPES = ("bfloat16", "float16", "float32")
+from .options import DTYPE_HELP, check_dtype, resolve_device
 
 
 def bench_command(
@@ -67,7 +66,7 @@ def bench_command(
     ),
     skip_teacher: bool = typer.Option(False, "--skip-teacher", help="Measure students only."),
     device: str = typer.Option("auto", help="cuda, cpu or auto."),
-    dtype: str = typer.Option("bfloat16", help=f"Weights dtype: {' | '.join(DTYPES)}."),
+    dtype: str = typer.Option("bfloat16", help=DTYPE_HELP),
     seed: int = typer.Option(0, help="Seed for random weights and prompts."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here."),
@@ -81,8 +80,7 @@ def bench_command(
     from ..cli import emit_json, err
     from ..teachers import load_teacher
 
-    if dtype not in DTYPES:
-        raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
+    check_dtype(dtype)
     try:
         length_list = bench.parse_counts(lengths)
         batch_list = bench.parse_counts(batch)
@@ -97,9 +95,7 @@ def bench_command(
             "nothing to measure: give a student (--student DIR or --seed-layout SPEC) or drop "
             "--skip-teacher"
         )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     torch_dtype = getattr(torch, dtype)
     on_gpu = dev.type == "cuda"
 

@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from ..errors import DataError
+from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -83,8 +84,8 @@ def eval_command(
     include_path: Path | None = typer.Option(
         None, "--include-path", help="Directory of extra lm-eval task YAMLs (local data)."
     ),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Perplexity, KL(teacher‖student), top-1 agreement and answer accuracy of a student."""
@@ -109,8 +110,8 @@ def eval_command(
     for f in files:
         if not f.is_file():
             raise DataError(f"data file not found: {f}")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
+    check_dtype(dtype)
+    device = str(resolve_device(device))
     with err.status(f"loading teacher {teacher}"):
         teacher_model = load_model(teacher, dtype=dtype, device=device)
     with err.status(f"loading student {student}"):

@@ -16,6 +16,7 @@ import torch
 import typer
 
 from ..errors import DataError
+from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
 
 
 class _Streamer:
@@ -61,8 +62,8 @@ def generate_command(
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is (no chat template)."),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("float32", help=DTYPE_HELP),
+    device: str = typer.Option("cpu", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document, no streaming."),
 ) -> None:
     """Generate an answer with a student or teacher, streaming it to stdout."""
@@ -80,8 +81,8 @@ def generate_command(
     for path in images:
         if not path.is_file():
             raise DataError(f"image file not found: {path}")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
+    check_dtype(dtype)
+    device = str(resolve_device(device))
     with err.status(f"loading {model_dir}"):
         model = load_model(model_dir, dtype=dtype, device=device)
     directory = model_dir if is_student_dir(model_dir) else model.config.teacher["directory"]
