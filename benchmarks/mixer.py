@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from mmdistill.bench import human_count, parse_counts
 from mmdistill.decoder import Attention, AttnContext, KVState, Rotary, StackConfig
+from mmdistill.kernels import resolve_backend
 from mmdistill.mixer import CHUNK_DEFAULTS, Mamba2Mixer, MixerConfig, MixerState
 
 GPU_SHAPE = dict(hidden=2048, heads=16, kv_heads=8, head_dim=128)
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-out", default="mixer_profile.txt")
     args = parser.parse_args(argv)
     if args.chunk_size is None:
-        args.chunk_size = CHUNK_DEFAULTS["triton" if args.device == "cuda" else "torch"]
+        args.chunk_size = CHUNK_DEFAULTS[resolve_backend("auto", torch.device(args.device))]
     if args.chunk_size not in [int(c) for c in args.chunk_sizes.split(",")]:
         args.chunk_sizes += f",{args.chunk_size}"
     doc = run(args)

@@ -290,9 +290,9 @@ class Attention(nn.Module):
             k, v = state.update(k, v)
         # Reading earlier tokens from a cache, the key length changes at every decode step (and
         # prefill chunk). PyTorch 2.11 on an H100 picks cuDNN attention for these calls, and cuDNN
-        # builds a new execution plan for each new shape: 35-60 ms per step against 0.3-0.8 ms
-        # with the flash kernel (benchmarks/attn_decode.py, docs/benchmarks.md). Such calls
-        # leave cuDNN out; a prompt's first pass (as many keys as queries) keeps the default.
+        # pays a set-up cost for each new key length: 35-60 ms per step against 0.3-0.8 ms with
+        # the flash kernel (benchmarks/attn_decode.py, docs/benchmarks.md). Such calls leave
+        # cuDNN out; a prompt's first pass (as many keys as queries) keeps the default.
         reads_cache = k.shape[-2] != q.shape[-2]
         with sdpa_kernel(CACHED_SDPA_BACKENDS) if reads_cache else nullcontext():
             out = F.scaled_dot_product_attention(

@@ -391,7 +391,6 @@ class Mamba2Mixer(nn.Module):
         B = B.reshape(b, l, g, n)
         C = C.reshape(b, l, h, n)
         D = self.D
-        chunk = c.chunk_for(resolve_backend(backend, x.device))
         if state is not None and l == 1:
             y = ssd_step(
                 state.ssm,
@@ -404,8 +403,8 @@ class Mamba2Mixer(nn.Module):
                 dt_softplus=False,
                 backend=backend,
             )[:, None]
-        elif state is not None:
-            y, final = ssd(
+        else:
+            out = ssd(
                 x,
                 dt,
                 A,
@@ -413,14 +412,16 @@ class Mamba2Mixer(nn.Module):
                 C,
                 D=D,
                 dt_softplus=False,
-                initial_state=state.ssm,
-                return_final_state=True,
-                chunk_size=chunk,
+                initial_state=None if state is None else state.ssm,
+                return_final_state=state is not None,
+                chunk_size=c.chunk_for(resolve_backend(backend, x.device)),
                 backend=backend,
             )
-            state.ssm = _assign_(state.ssm, final)
-        else:
-            y = ssd(x, dt, A, B, C, D=D, dt_softplus=False, chunk_size=chunk, backend=backend)
+            if state is None:
+                y = out
+            else:
+                y, final = out
+                state.ssm = _assign_(state.ssm, final)
         y = self._gated_norm(y.reshape(b, l, h * p), z)
         return self.out_proj(y)
 
