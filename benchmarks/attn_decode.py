@@ -1,34 +1,59 @@
-"""Why does one attention decode step take tens of milliseconds on the H100?
+"""Which SDPA backend should attention use when it reads a KV cache?
 
 Times ``decoder.Attention`` decoding one token (batch 1, HoVLE shape: hidden 2048, 16 heads,
 8 KV heads of 128, bf16) against a context of each length, with a growing and a static KV
-cache, under PyTorch's default SDPA backend choice and each backend forced alone; then profiles
-one default step (kernels and CPU ops by time). Prints a table; ``--profile-out`` gets the
-profile. Usage: ``python3 benchmarks/attn_decode.py --lengths 2k,32k,128k``
+cache, with the backends ``decoder.Attention`` allows when it reads a cache
+(``decoder.CACHED_SDPA_BACKENDS``: every backend but cuDNN), with every backend allowed
+(PyTorch's default choice), and with each backend forced alone; then profiles one step as
+shipped (kernels and CPU ops by time). Prints a table; ``--profile-out`` gets the profile.
+Usage: ``python3 benchmarks/attn_decode.py --lengths 2k,32k,128k``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mixer import GPU_SHAPE, build, context, timed  # noqa: E402
 
+from mmdistill import decoder  # noqa: E402
 from mmdistill.bench import parse_counts  # noqa: E402
 from mmdistill.decoder import KVState  # noqa: E402
 
+ALL = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.MATH,
+]
 BACKENDS = {
-    "default": None,
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "math": SDPBackend.MATH,
+    "mmdistill": None,
+    "pytorch default": ALL,
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION],
+    "cudnn": [SDPBackend.CUDNN_ATTENTION],
+    "math": [SDPBackend.MATH],
 }
+
+
+@contextlib.contextmanager
+def cached_backends(backends):
+    """Let ``decoder.Attention`` use these backends when it reads a cache (``None``: as
+    shipped). It wraps its SDPA call in its own ``sdpa_kernel``, so an outer one would not
+    reach it."""
+    shipped = decoder.CACHED_SDPA_BACKENDS
+    if backends is not None:
+        decoder.CACHED_SDPA_BACKENDS = backends
+    try:
+        yield
+    finally:
+        decoder.CACHED_SDPA_BACKENDS = shipped
 
 
 def step_fn(attn, rotary, length, kind, device, dtype):
@@ -68,11 +93,8 @@ def main() -> None:
             for backend in BACKENDS.values():
                 try:
                     step = step_fn(attn, rotary, length, kind, device, dtype)
-                    if backend is None:
+                    with cached_backends(backend):
                         cells.append(f"{timed(step, device, 300):.3f}")
-                    else:
-                        with sdpa_kernel([backend]):
-                            cells.append(f"{timed(step, device, 300):.3f}")
                 except RuntimeError as exc:
                     cells.append("n/a" if "No available kernel" in str(exc) else "error")
                 torch.cuda.empty_cache()

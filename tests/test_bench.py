@@ -129,7 +129,13 @@ def test_cli_bench_json_and_plot(llama_dir, tmp_path):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     names = [m["name"] for m in doc["models"]]
-    assert names == ["teacher", "teacher (static KV)", "student", "seeded:none"]
+    assert names == [
+        "teacher",
+        "teacher (static KV)",
+        "student",
+        "student (static KV)",
+        "seeded:none",
+    ]
     assert {r["status"] for r in doc["results"]} == {"ok"}
     assert doc["teacher"] == str(llama_dir) and plot.exists()
 

@@ -54,7 +54,10 @@ def bench_command(
         0, "--teacher-prefill-chunk", help="Teacher's prefill chunk in tokens (0: one pass)."
     ),
     static_cache: bool = typer.Option(
-        True, "--static-cache/--no-static-cache", help="Add a teacher row with a static KV cache."
+        True,
+        "--static-cache/--no-static-cache",
+        help="Add a row with a static (preallocated) KV cache for the teacher and for each "
+        "student with attention layers.",
     ),
     cuda_graph: bool = typer.Option(
         True,
@@ -127,18 +130,29 @@ def bench_command(
             )
     for name, model in students:
         all_mamba = all(t == "mamba" for t in model.config.layer_types)
-        graph = cuda_graph and on_gpu and all_mamba
-        candidates.append(
-            bench.Candidate(
-                name,
-                "student",
-                model,
-                "none" if all_mamba else "growing",
-                (prefill_chunk if all_mamba else hybrid_chunk) or None,
-                cuda_graph=graph,
-                compile=compile_step and graph,
+        if all_mamba:
+            graph = cuda_graph and on_gpu
+            candidates.append(
+                bench.Candidate(
+                    name,
+                    "student",
+                    model,
+                    "none",
+                    prefill_chunk or None,
+                    cuda_graph=graph,
+                    compile=compile_step and graph,
+                )
             )
-        )
+            continue
+        # Hybrids keep KV caches for their attention layers: measured like the teacher, with a
+        # growing cache and (by default) a preallocated one, which spares each decode step a
+        # copy of every attention layer's whole cache.
+        chunk = hybrid_chunk or None
+        candidates.append(bench.Candidate(name, "student", model, "growing", chunk))
+        if static_cache:
+            candidates.append(
+                bench.Candidate(f"{name} (static KV)", "student", model, "static", chunk)
+            )
     settings = bench.BenchSettings(
         lengths=length_list,
         batches=batch_list,
