@@ -1,11 +1,13 @@
 """Which SDPA backend should attention use when it reads a KV cache?
 
-Times ``decoder.Attention`` decoding one token (batch 1, HoVLE shape: hidden 2048, 16 heads,
-8 KV heads of 128, bf16) against a context of each length, with a growing and a static KV
-cache, with the backends ``decoder.Attention`` allows when it reads a cache
-(``decoder.CACHED_SDPA_BACKENDS``: every backend but cuDNN), with every backend allowed
-(PyTorch's default choice), and with each backend forced alone; then profiles one step as
-shipped (kernels and CPU ops by time). Prints a table; ``--profile-out`` gets the profile.
+Times ``decoder.Attention`` decoding one token (batch 1, HoVLE shape: hidden 2048, 16 heads, 8
+KV heads of 128, bf16) against a context of each length, with a growing and a static KV cache
+(and a static one whose fill level lives on the device: "tracked", the CUDA-graph decode path,
+which runs ``mmdistill.kernels.triton_attention`` instead of SDPA), with the backends
+``decoder.Attention`` allows when it reads a cache (``decoder.CACHED_SDPA_BACKENDS``: every
+backend but cuDNN), with every backend allowed (PyTorch's default choice), and with each backend
+forced alone; then profiles one step as shipped (kernels and CPU ops by time). Prints a table;
+``--profile-out`` gets the profile.
 Usage: ``python3 benchmarks/attn_decode.py --lengths 2k,32k,128k``
 """
 
@@ -60,19 +62,26 @@ def step_fn(attn, rotary, length, kind, device, dtype):
     one = torch.randn(1, 1, GPU_SHAPE["hidden"], device=device, dtype=dtype)
     u = torch.randn(1, length, GPU_SHAPE["hidden"], device=device, dtype=dtype)
     kv = (
-        KVState.static(1, attn.num_kv_heads, length + 600, attn.head_dim, device, dtype)
-        if kind == "static"
-        else KVState()
+        KVState()
+        if kind == "growing"
+        else KVState.static(1, attn.num_kv_heads, length + 600, attn.head_dim, device, dtype)
     )
+    if kind == "tracked":
+        kv.track_on_device()
     with torch.no_grad():
         attn(u, context(rotary, 0, length, device, dtype), kv)
     ctx = context(rotary, length, 1, device, dtype, causal=False)
 
     def step():
         if kv.capacity is not None and kv.length + 1 > kv.capacity:
-            kv.length = length
+            kv.length = 0
+            kv.advance(length)
+            if kv.slot is not None:
+                kv.slot.fill_(length)
         with torch.no_grad():
             attn(one, ctx, kv)
+        if kv.slot is not None:
+            kv.advance()
 
     return step
 
@@ -88,9 +97,9 @@ def main() -> None:
     print("| L | KV | " + " | ".join(BACKENDS) + " |")
     print("|---:|---|" + "---:|" * len(BACKENDS))
     for length in parse_counts(args.lengths):
-        for kind in ("growing", "static"):
+        for kind in ("growing", "static", "tracked"):
             cells = []
-            for backend in BACKENDS.values():
+            for backend in BACKENDS.values() if kind != "tracked" else [None]:
                 try:
                     step = step_fn(attn, rotary, length, kind, device, dtype)
                     with cached_backends(backend):
@@ -98,6 +107,7 @@ def main() -> None:
                 except RuntimeError as exc:
                     cells.append("n/a" if "No available kernel" in str(exc) else "error")
                 torch.cuda.empty_cache()
+            cells += [""] * (len(BACKENDS) - len(cells))
             print(f"| {length} | {kind} | " + " | ".join(cells) + " |", flush=True)
     step = step_fn(attn, rotary, parse_counts(args.lengths)[0], "static", device, dtype)
     for _ in range(3):

@@ -333,11 +333,13 @@ def measure(
     }
 
 
-def _graph_for(candidate: Candidate, batch: int):
-    """A captured decode step for ``batch`` rows (warm-up, compilation and capture happen here)."""
+def _graph_for(candidate: Candidate, batch: int, length: int, settings: BenchSettings):
+    """A captured decode step for ``batch`` rows (warm-up, compilation and capture happen here);
+    a static KV cache is sized for ``length`` prompt tokens and the decode steps."""
     from .graph_decode import GraphDecoder
 
-    return GraphDecoder(candidate.model, batch, compile=candidate.compile)
+    capacity = length + settings.decode_tokens + 1 if candidate.kv_cache == "static" else None
+    return GraphDecoder(candidate.model, batch, compile=candidate.compile, max_length=capacity)
 
 
 def run_bench(
@@ -379,11 +381,14 @@ def run_bench(
                 if progress:
                     progress(f"{candidate.name}: batch {batch}, length {length}")
                 try:
-                    if graph is None and candidate.cuda_graph:
-                        graph = _graph_for(candidate, batch)
+                    if candidate.cuda_graph and (graph is None or candidate.kv_cache == "static"):
+                        # A static KV cache is captured at its capacity: one graph per length.
+                        graph = None
+                        _release(device)
+                        graph = _graph_for(candidate, batch, length, settings)
                     if warm:  # untimed: kernel compilation, autotuning, cuBLAS handles
                         chunk = candidate.prefill_chunk
-                        short = min(max(settings.lengths), 2 * chunk + 1 if chunk else 1024)
+                        short = min(length, 2 * chunk + 1 if chunk else 1024)
                         warm_settings = BenchSettings([short], [batch], 2, 1, seed=settings.seed)
                         measure(candidate, short, batch, warm_settings, device, graph)
                         warm = False

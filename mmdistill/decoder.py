@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .kernels.attention import decode_attention
 from .mixer import Mamba2Mixer, MixerConfig, MixerState, at_least_fp32
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -178,6 +179,13 @@ class KVState:
     Growing by default (each update concatenates, as transformers' dynamic cache does). Built
     with :meth:`static`, it writes into preallocated ``[b, kv_heads, capacity, head_dim]``
     buffers instead, and ``k``/``v`` are views of the filled prefix (no copy per token).
+
+    A static cache can also keep its fill level on the device (:meth:`track_on_device`): a
+    one-token update then writes at :attr:`slot` and advances it in place, so a decode step
+    replayed from a CUDA graph keeps appending. Such an update leaves ``length``, the Python
+    count, to the caller (:meth:`advance`; :class:`~mmdistill.graph_decode.GraphDecoder` does
+    it after each step): read inside the step, it would be frozen into the captured graph and
+    would specialise a compiled step on its value.
     """
 
     k: torch.Tensor | None = None
@@ -185,6 +193,7 @@ class KVState:
     k_buffer: torch.Tensor | None = None
     v_buffer: torch.Tensor | None = None
     length: int = 0
+    slot: torch.Tensor | None = None  # [1] long: device copy of ``length`` (graph decode)
 
     @classmethod
     def static(
@@ -204,19 +213,42 @@ class KVState:
         """Preallocated length in tokens, or ``None`` for a growing cache."""
         return None if self.k_buffer is None else self.k_buffer.shape[2]
 
+    def track_on_device(self) -> None:
+        """Keep the fill level in :attr:`slot` too (static caches only)."""
+        if self.k_buffer is None:
+            raise ValueError("only a static KV cache can track its length on the device")
+        self.slot = torch.full((1,), self.length, dtype=torch.long, device=self.k_buffer.device)
+
+    @property
+    def decodes_on_device(self) -> bool:
+        """One-token updates write at :attr:`slot` (see :meth:`track_on_device`)."""
+        return self.slot is not None
+
+    def check_room(self, new: int) -> None:
+        """Raise before ``new`` more tokens would overflow a static cache."""
+        if self.k_buffer is not None and self.length + new > self.k_buffer.shape[2]:
+            raise ValueError(
+                f"static KV cache is full: {self.length} + {new} tokens exceed its capacity "
+                f"of {self.k_buffer.shape[2]}"
+            )
+
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``k``, ``v`` ``[b, kv_heads, l, head_dim]``; returns everything cached so far."""
+        """Append ``k``, ``v`` ``[b, kv_heads, l, head_dim]``; returns everything cached so far
+        (with a device-tracked length and one token: the whole buffers, see :attr:`slot`)."""
         new = k.shape[2]
+        if self.slot is not None and new == 1:
+            self.k_buffer.index_copy_(2, self.slot, k)
+            self.v_buffer.index_copy_(2, self.slot, v)
+            self.slot.add_(1)
+            return self.k_buffer, self.v_buffer
         if self.k_buffer is not None:
+            self.check_room(new)
             end = self.length + new
-            if end > self.k_buffer.shape[2]:
-                raise ValueError(
-                    f"static KV cache is full: {self.length} + {new} tokens exceed its capacity "
-                    f"of {self.k_buffer.shape[2]}"
-                )
             self.k_buffer[:, :, self.length : end] = k
             self.v_buffer[:, :, self.length : end] = v
             self.k, self.v = self.k_buffer[:, :, :end], self.v_buffer[:, :, :end]
+            if self.slot is not None:
+                self.slot.fill_(end)
         elif self.k is None:
             self.k, self.v = k, v
         else:
@@ -236,9 +268,37 @@ class KVState:
             self.k = self.k.index_select(0, index)
             self.v = self.v.index_select(0, index)
 
+    def advance(self, new: int = 1) -> None:
+        """Count ``new`` tokens written at :attr:`slot` (by steps that left ``length`` alone)."""
+        self.length += new
+        self.k, self.v = self.k_buffer[:, :, : self.length], self.v_buffer[:, :, : self.length]
+
+    def sync_length(self) -> None:
+        """Set ``length`` from :attr:`slot` (after eager steps that may have written there,
+        e.g. a one-token last prefill chunk)."""
+        self.length = 0
+        self.advance(int(self.slot.item()))
+
+    def copy_(self, other: KVState) -> None:
+        """Copy ``other``'s tokens into this static cache in place (a batch-1 cache is
+        broadcast to every row)."""
+        if self.k_buffer is None:
+            raise ValueError("copy_ needs a static KV cache to copy into")
+        self.length = 0
+        self.check_room(other.length)
+        end = other.length
+        self.k_buffer[:, :, :end].copy_(other.k.expand_as(self.k_buffer[:, :, :end]))
+        self.v_buffer[:, :, :end].copy_(other.v.expand_as(self.v_buffer[:, :, :end]))
+        self.length = end
+        self.k, self.v = self.k_buffer[:, :, :end], self.v_buffer[:, :, :end]
+        if self.slot is not None:
+            self.slot.fill_(end)
+
     def reset(self) -> None:
         """Forget every token (a static cache keeps its buffers)."""
         self.length = 0
+        if self.slot is not None:
+            self.slot.zero_()
         if self.k_buffer is None:
             self.k = self.v = None
         else:
@@ -286,6 +346,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
+        if state is not None and state.decodes_on_device and l == 1:
+            # Graph-replayable decode: attend over the whole static buffer up to its device-side
+            # fill level (the callers that track it on the device have no padding or window).
+            k_all, v_all = state.update(k, v)
+            out = decode_attention(q[:, :, 0], k_all, v_all, state.slot)
+            return self.o_proj(out.reshape(b, 1, self.num_heads * self.head_dim))
         if state is not None:
             k, v = state.update(k, v)
         # Reading earlier tokens from a cache, the key length changes at every decode step (and

@@ -7,12 +7,16 @@ final norm, LM head, argmax) in a CUDA graph over a fixed cache, and replays it.
 ``compile=True`` the step is first compiled by ``torch.compile`` (Inductor fuses the norms and
 element-wise work into a few kernels), then captured.
 
-Only models whose layers are all Mamba-2 mixers qualify: their cache has a fixed shape and the
-mixers update it in place. Attention layers' KV caches grow, so hybrids decode eagerly.
+Mamba-2 mixers update their fixed-shape state in place. Attention layers need a static KV cache
+(``max_length``) whose fill level the step keeps on the device: the captured step writes the new
+token at that position and attends over the whole buffer with the positions past it masked
+(:func:`mmdistill.kernels.attention.decode_attention`). Hybrids therefore replay too, for
+prompts without padding and stacks without a sliding window.
 
 Usage::
 
     decoder = GraphDecoder(model, batch=1)            # warm-up and capture (state is then reset)
+    # a hybrid: GraphDecoder(model, batch=1, max_length=prompt_length + new_tokens)
     logits = decoder.prefill(input_ids, chunk_size=8192)
     decoder.tokens.copy_(logits.argmax(-1))
     for _ in range(n):
@@ -28,7 +32,7 @@ from .model import DecoderLM, LMCache
 
 
 class GraphDecoder:
-    """One greedy decode step of an all-Mamba model, captured once and replayed.
+    """One greedy decode step, captured once and replayed.
 
     Attributes:
         cache: the static :class:`~mmdistill.model.LMCache` the graph reads and updates.
@@ -38,31 +42,53 @@ class GraphDecoder:
     """
 
     def __init__(
-        self, model: DecoderLM, batch: int, *, compile: bool = False, warmup: int = 3
+        self,
+        model: DecoderLM,
+        batch: int,
+        *,
+        compile: bool = False,
+        warmup: int = 3,
+        max_length: int | None = None,
     ) -> None:
         """Warm up, capture the step, then reset the cache to an empty sequence.
 
         Args:
-            model: a model on a CUDA device, every layer a Mamba-2 mixer.
+            model: a model on a CUDA device.
             batch: rows decoded per step.
             compile: ``torch.compile`` the step before capturing it.
             warmup: eager (or compiling) runs before the capture.
+            max_length: capacity in tokens of the attention layers' static KV caches (prompt
+                plus generated tokens); required when the model has attention layers, ignored
+                otherwise.
 
         Raises:
-            ValueError: for a model with attention layers or not on CUDA.
+            ValueError: for a model not on CUDA; with attention layers, for a missing or too
+                small ``max_length`` or a sliding-window stack.
         """
         if model.device.type != "cuda":
             raise ValueError("GraphDecoder needs a model on a CUDA device")
         attention = [i for i, t in enumerate(model.config.layer_types) if t != "mamba"]
         if attention:
-            raise ValueError(
-                f"GraphDecoder needs every layer to be a Mamba-2 mixer; layers {attention} are "
-                "attention (their KV caches grow, so the step cannot be captured)"
-            )
+            if max_length is None:
+                raise ValueError(
+                    f"layers {attention} are attention: give max_length (prompt plus new tokens) "
+                    "so their KV caches can be preallocated for the captured step"
+                )
+            if max_length < warmup + 1:
+                raise ValueError(f"max_length must be at least {warmup + 1}; got {max_length}")
+            windowed = [s for s in model.config.stacks if s.sliding_window is not None]
+            if windowed:
+                raise ValueError("GraphDecoder does not support sliding-window attention")
         self.model = model
         for layer in model.layers:
-            layer.mixer.pack_projections()
-        self.cache = LMCache(model, batch, model.device, model.dtype)
+            if hasattr(layer.mixer, "pack_projections"):
+                layer.mixer.pack_projections()
+        self.cache = LMCache(
+            model, batch, model.device, model.dtype, max_length if attention else None
+        )
+        self._kv_states = [self.cache.layers[i] for i in attention]
+        for state in self._kv_states:
+            state.track_on_device()
         self._positions = self.cache.next_pos
         self.tokens = torch.zeros(batch, dtype=torch.long, device=model.device)
         self._forward = torch.compile(self._model_step, dynamic=False) if compile else None
@@ -92,6 +118,8 @@ class GraphDecoder:
         cache.next_pos = self._positions
         cache.seen = seen
         self.tokens.copy_(logits.argmax(-1))
+        for state in self._kv_states:
+            state.advance()
         return logits
 
     @torch.no_grad()
@@ -111,16 +139,29 @@ class GraphDecoder:
         Returns:
             ``[b, vocab]`` logits of the last prompt position.
         """
+        if self._kv_states and attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(
+                "GraphDecoder decodes padded prompts only for all-Mamba models (its attention "
+                "step has no key mask); give prompts of equal length"
+            )
         self.cache.reset()
         logits = prefill(
             self.model, self.cache, input_ids, attention_mask=attention_mask, chunk_size=chunk_size
         )
+        for state in self._kv_states:
+            state.sync_length()  # a one-token last chunk wrote at the slot only
         self._positions.copy_(self.cache.next_pos)
         self.cache.next_pos = self._positions
         return logits
 
     def load_cache(self, other: LMCache) -> None:
-        """Copy a prefilled cache (same batch, or batch 1 broadcast to every row) into place."""
+        """Copy a prefilled cache (same batch, or batch 1 broadcast to every row) into place.
+
+        Raises:
+            ValueError: for a padded cache when the model has attention layers.
+        """
+        if self._kv_states and other.key_mask is not None and not bool(other.key_mask.all()):
+            raise ValueError("GraphDecoder cannot continue a padded cache through attention")
         for dst, src in zip(self.cache.layers, other.layers, strict=True):
             dst.copy_(src)
         self._positions.copy_(other.next_pos.expand_as(self._positions))
@@ -131,6 +172,10 @@ class GraphDecoder:
     def replay(self) -> torch.Tensor:
         """Run one captured step: consumes :attr:`tokens`, refreshes :attr:`logits` and
         :attr:`tokens` (the argmax). Returns :attr:`logits`."""
+        for state in self._kv_states:
+            state.check_room(1)  # inside the graph an overflow would be a device-side fault
         self.graph.replay()
         self.cache.seen += 1
+        for state in self._kv_states:
+            state.advance()
         return self.logits

@@ -210,3 +210,75 @@ def test_attention_reading_a_cache_leaves_cudnn_out(tiny, monkeypatch):
     assert all(c == decoder.CACHED_SDPA_BACKENDS for c in calls)
     assert torch.nn.attention.SDPBackend.CUDNN_ATTENTION not in decoder.CACHED_SDPA_BACKENDS
     torch.testing.assert_close(stepped, full, rtol=1e-5, atol=1e-5)
+
+
+def naive_attention_f64(q, k, v, length):
+    """One query per head over the first ``length`` positions, float64, one head at a time."""
+    b, heads, d = q.shape
+    group = heads // k.shape[1]
+    out = torch.empty(b, heads, d, dtype=torch.float64)
+    for i in range(b):
+        for h in range(heads):
+            keys = k[i, h // group, :length].double()
+            weights = torch.softmax(keys @ q[i, h].double() / d**0.5, dim=0)
+            out[i, h] = weights @ v[i, h // group, :length].double()
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("length", [1, 17, 40])
+def test_decode_attention_reference_masks_past_the_fill_level(heads, kv_heads, length):
+    from mmdistill.kernels.attention import decode_attention, decode_attention_ref
+
+    g = torch.Generator().manual_seed(length * 10 + heads)
+    q = torch.randn(3, heads, 16, generator=g)
+    k = torch.randn(3, kv_heads, 40, 16, generator=g)
+    v = torch.randn(3, kv_heads, 40, 16, generator=g)
+    k[:, :, length:] = 50.0  # garbage past the fill level would dominate a softmax over it
+    fill = torch.tensor([length])
+    expected = naive_attention_f64(q, k, v, length)
+    exact = decode_attention_ref(q.double(), k.double(), v.double(), fill)
+    torch.testing.assert_close(exact, expected)
+    for out in (decode_attention_ref(q, k, v, fill), decode_attention(q, k, v, fill)):  # op: CPU
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_device_tracked_kv_cache_matches_static(tiny):
+    """The graph decoder's path on CPU: attention layers keep their fill level on the device,
+    one-token steps write at it and attend over the whole buffer through decode_attention, the
+    caller advances the Python count. Same logits as the plain static cache, including a
+    one-token last prefill chunk, a copy from a batch-1 cache, and a reset."""
+    _, hybrid = tiny
+    ids = torch.randint(0, 256, (2, 40))
+    expected, _ = run_cache(hybrid, ids, 48, split=25)
+    cache = LMCache(hybrid, 2, ids.device, hybrid.dtype, max_length=48)
+    attn = [s for s in cache.layers if hasattr(s, "k_buffer")]
+    for state in attn:
+        state.track_on_device()
+    with torch.no_grad():
+        steps = [prefill(hybrid, cache, ids[:, :25], chunk_size=8)]  # chunks 8, 8, 8, 1
+        assert all(s.length == 24 and int(s.slot) == 25 for s in attn)
+        for state in attn:
+            state.sync_length()
+        for t in range(25, 40):
+            steps.append(hybrid(ids[:, t : t + 1], cache=cache).logits[:, -1])
+            for state in attn:
+                state.advance()
+    torch.testing.assert_close(torch.stack(steps), expected, rtol=1e-5, atol=1e-5)
+    assert all(s.length == 40 and int(s.slot) == 40 and s.k.shape[2] == 40 for s in attn)
+
+    single, one_row = run_cache(hybrid, ids[:1], None, split=25)
+    for dst, src in zip(cache.layers, one_row.layers, strict=True):
+        dst.copy_(src)  # batch 1 broadcast into the two rows
+    assert all(s.length == 40 and int(s.slot) == 40 for s in attn)
+    torch.testing.assert_close(attn[0].k[1], one_row.layers[attn_index(cache)].k[0])
+    cache.reset()
+    assert all(s.length == 0 and int(s.slot) == 0 for s in attn)
+    with pytest.raises(ValueError, match="full"):
+        attn[0].length = 48
+        attn[0].check_room(1)
+
+
+def attn_index(cache):
+    return next(i for i, s in enumerate(cache.layers) if hasattr(s, "k_buffer"))

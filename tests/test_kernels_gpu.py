@@ -349,7 +349,7 @@ def test_graph_decode_matches_eager(dtype, compile_step):
     from mmdistill.model import LMCache
 
     _, linear, hybrid = tiny_models(dtype)
-    with pytest.raises(ValueError, match="attention"):
+    with pytest.raises(ValueError, match="attention: give max_length"):
         GraphDecoder(hybrid, 2)
     ids = torch.randint(0, 256, (2, 37), device=CUDA)
     decoder = GraphDecoder(linear, 2, compile=compile_step)
@@ -371,3 +371,75 @@ def test_graph_decode_matches_eager(dtype, compile_step):
     assert rel(torch.stack(graph), torch.stack(eager)) < TOL[dtype]
     if not compile_step:  # the same kernels replayed: identical
         assert torch.equal(torch.stack(graph), torch.stack(eager))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(16, 8, 128), (8, 8, 64), (32, 4, 64)])
+def test_decode_attention_kernel_matches_reference(dtype, heads, kv_heads, head_dim):
+    """The split-KV Triton kernel against the PyTorch reference at fill levels inside the first
+    split, across splits and at the full capacity, with garbage past the fill level; then
+    captured once in a CUDA graph and replayed as the fill level grows."""
+    from mmdistill.kernels.attention import decode_attention_ref
+    from mmdistill.kernels.triton_attention import decode_attention
+
+    g = torch.Generator(device=CUDA).manual_seed(heads + head_dim)
+    capacity = 3001
+    q = torch.randn(2, heads, head_dim, generator=g, device=CUDA).to(dtype)
+    k = torch.randn(2, kv_heads, capacity, head_dim, generator=g, device=CUDA).to(dtype)
+    v = torch.randn(2, kv_heads, capacity, head_dim, generator=g, device=CUDA).to(dtype)
+    for length in (1, 45, 1000, 2999, capacity):
+        fill = torch.tensor([length], device=CUDA)
+        garbage = k.clone()
+        garbage[:, :, length:] = 30.0
+        ref = decode_attention_ref(q, garbage, v, fill)
+        assert rel(decode_attention(q, garbage, v, fill), ref) < TOL[dtype] / 10
+
+    fill = torch.tensor([1], device=CUDA)
+    decode_attention(q, k, v, fill)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, fill)
+    for length in (7, 600, 3000):
+        fill.fill_(length)
+        graph.replay()
+        assert rel(out, decode_attention_ref(q, k, v, fill)) < TOL[dtype] / 10
+
+
+@pytest.mark.parametrize("dtype,compile_step", [(torch.float32, False), (torch.bfloat16, True)])
+def test_hybrid_graph_decode_matches_eager(dtype, compile_step):
+    """A hybrid replayed from a CUDA graph over a device-tracked static KV cache against its
+    eager decode with a growing cache: the same logits within tolerance, the Python lengths
+    kept, a replicated batch-1 prefill, and a clear error before the cache overflows."""
+    from mmdistill.generation import prefill
+    from mmdistill.graph_decode import GraphDecoder
+    from mmdistill.model import LMCache
+
+    _, _, hybrid = tiny_models(dtype)
+    ids = torch.randint(0, 256, (2, 37), device=CUDA)
+    with torch.no_grad():
+        cache = LMCache(hybrid, 2, CUDA, dtype)
+        logits = prefill(hybrid, cache, ids, chunk_size=12)  # chunks 12, 12, 12, 1
+        inputs, eager = [logits.argmax(-1)], []
+        for _ in range(6):
+            logits = hybrid(inputs[-1][:, None], cache=cache).logits[:, -1]
+            eager.append(logits.float())
+            inputs.append(logits.argmax(-1))
+        decoder = GraphDecoder(hybrid, 2, compile=compile_step, max_length=37 + 6)
+        decoder.prefill(ids, chunk_size=12)
+        graph = []
+        for step in range(6):
+            decoder.tokens.copy_(inputs[step])
+            graph.append(decoder.replay().float().clone())
+        with pytest.raises(ValueError, match="full"):
+            decoder.replay()
+        states = [s for s in decoder.cache.layers if hasattr(s, "k_buffer")]
+        assert all(s.length == 43 and int(s.slot) == 43 for s in states)
+        assert rel(torch.stack(graph), torch.stack(eager)) < TOL[dtype]
+
+        one = LMCache(hybrid, 1, CUDA, dtype)
+        prefill(hybrid, one, ids[:1], chunk_size=12)
+        decoder.load_cache(one)
+        decoder.tokens.copy_(inputs[0][:1].expand(2))
+        replicated = decoder.replay().float()
+        assert rel(replicated[1], replicated[0]) < 1e-6
+        assert rel(replicated[0], eager[0][0]) < TOL[dtype]

@@ -62,7 +62,8 @@ def bench_command(
     cuda_graph: bool = typer.Option(
         True,
         "--cuda-graph/--no-cuda-graph",
-        help="Decode all-Mamba students from a captured CUDA graph (CUDA only).",
+        help="Decode all-Mamba students, and students with attention layers on a static KV "
+        "cache, from a captured CUDA graph (CUDA only).",
     ),
     compile_step: bool = typer.Option(
         False, "--compile", help="torch.compile the graph-captured decode step first."
@@ -144,14 +145,23 @@ def bench_command(
                 )
             )
             continue
-        # Hybrids keep KV caches for their attention layers: measured like the teacher, with a
-        # growing cache and (by default) a preallocated one, which spares each decode step a
-        # copy of every attention layer's whole cache.
+        # Hybrids keep KV caches for their attention layers: measured like the teacher with a
+        # growing cache (eager), and by default with a preallocated one, which spares each step
+        # a copy of every attention layer's whole cache and lets the step replay from a graph.
         chunk = hybrid_chunk or None
         candidates.append(bench.Candidate(name, "student", model, "growing", chunk))
         if static_cache:
+            graph = cuda_graph and on_gpu
             candidates.append(
-                bench.Candidate(f"{name} (static KV)", "student", model, "static", chunk)
+                bench.Candidate(
+                    f"{name} (static KV)",
+                    "student",
+                    model,
+                    "static",
+                    chunk,
+                    cuda_graph=graph,
+                    compile=compile_step and graph,
+                )
             )
     settings = bench.BenchSettings(
         lengths=length_list,
