@@ -268,7 +268,10 @@ def measure(
 
     Args:
         graph: a :class:`~mmdistill.graph_decode.GraphDecoder` for ``batch`` rows (its cache is
-            reset and reused) when the candidate decodes from a CUDA graph.
+            reset and reused) when an all-Mamba candidate decodes from a CUDA graph. Candidates
+            with a static KV cache capture their own, sized for ``length``: before the prefill
+            when it fills all ``batch`` rows, after it (its activations freed, as the eager
+            rows' replicated caches are made) when its rows are replicated.
 
     Returns:
         One result row (see ``docs/benchmarks.md``). Out-of-memory errors propagate (the
@@ -284,6 +287,9 @@ def measure(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     chunk = candidate.prefill_chunk
+    per_length_graph = candidate.cuda_graph and candidate.kv_cache == "static"
+    if per_length_graph and rows == batch:
+        graph = _graph_for(candidate, batch, length, settings)
     if graph is not None and rows == batch:
         timer.start()
         logits = graph.prefill(ids, chunk_size=chunk)
@@ -299,6 +305,8 @@ def measure(
     if rows != batch:
         repeat = torch.arange(rows, device=device).repeat(-(-batch // rows))[:batch]
         logits = logits.index_select(0, repeat)
+        if per_length_graph:
+            graph = _graph_for(candidate, batch, length, settings)
         if graph is not None:
             graph.load_cache(cache)
             cache = graph.cache
@@ -381,10 +389,7 @@ def run_bench(
                 if progress:
                     progress(f"{candidate.name}: batch {batch}, length {length}")
                 try:
-                    if candidate.cuda_graph and (graph is None or candidate.kv_cache == "static"):
-                        # A static KV cache is captured at its capacity: one graph per length.
-                        graph = None
-                        _release(device)
+                    if candidate.cuda_graph and candidate.kv_cache != "static" and graph is None:
                         graph = _graph_for(candidate, batch, length, settings)
                     if warm:  # untimed: kernel compilation, autotuning, cuBLAS handles
                         chunk = candidate.prefill_chunk

@@ -56,14 +56,14 @@ def bench_command(
     static_cache: bool = typer.Option(
         True,
         "--static-cache/--no-static-cache",
-        help="Add a row with a static (preallocated) KV cache for the teacher and for each "
-        "student with attention layers.",
+        help="Add rows with a static (preallocated) KV cache for the teacher and for each "
+        "student with attention layers (eager, and on CUDA replayed from a graph).",
     ),
     cuda_graph: bool = typer.Option(
         True,
         "--cuda-graph/--no-cuda-graph",
-        help="Decode all-Mamba students, and students with attention layers on a static KV "
-        "cache, from a captured CUDA graph (CUDA only).",
+        help="Decode all-Mamba students from a captured CUDA graph, and add graph rows for "
+        "models with attention on a static KV cache (CUDA only).",
     ),
     compile_step: bool = typer.Option(
         False, "--compile", help="torch.compile the graph-captured decode step first."
@@ -121,48 +121,46 @@ def bench_command(
             teacher_model.to("cpu")
             torch.cuda.empty_cache()
 
+    graph = cuda_graph and on_gpu
+
+    def attention_rows(name: str, role: str, model, chunk: int | None) -> list:
+        """Rows of a model with attention layers: eager with the standard growing KV cache (as
+        its users run it); with a preallocated one, eager and replayed from a CUDA graph."""
+        rows = [bench.Candidate(name, role, model, "growing", chunk)]
+        if static_cache:
+            rows.append(bench.Candidate(f"{name} (static KV)", role, model, "static", chunk))
+            if graph:
+                rows.append(
+                    bench.Candidate(
+                        f"{name} (static KV, graph)",
+                        role,
+                        model,
+                        "static",
+                        chunk,
+                        cuda_graph=True,
+                        compile=compile_step,
+                    )
+                )
+        return rows
+
     candidates = []
     if not skip_teacher:
-        tchunk = teacher_chunk or None
-        candidates.append(bench.Candidate("teacher", "teacher", teacher_model, "growing", tchunk))
-        if static_cache:
-            candidates.append(
-                bench.Candidate("teacher (static KV)", "teacher", teacher_model, "static", tchunk)
-            )
+        candidates += attention_rows("teacher", "teacher", teacher_model, teacher_chunk or None)
     for name, model in students:
-        all_mamba = all(t == "mamba" for t in model.config.layer_types)
-        if all_mamba:
-            graph = cuda_graph and on_gpu
-            candidates.append(
-                bench.Candidate(
-                    name,
-                    "student",
-                    model,
-                    "none",
-                    prefill_chunk or None,
-                    cuda_graph=graph,
-                    compile=compile_step and graph,
-                )
-            )
+        if any(t != "mamba" for t in model.config.layer_types):
+            candidates += attention_rows(name, "student", model, hybrid_chunk or None)
             continue
-        # Hybrids keep KV caches for their attention layers: measured like the teacher with a
-        # growing cache (eager), and by default with a preallocated one, which spares each step
-        # a copy of every attention layer's whole cache and lets the step replay from a graph.
-        chunk = hybrid_chunk or None
-        candidates.append(bench.Candidate(name, "student", model, "growing", chunk))
-        if static_cache:
-            graph = cuda_graph and on_gpu
-            candidates.append(
-                bench.Candidate(
-                    f"{name} (static KV)",
-                    "student",
-                    model,
-                    "static",
-                    chunk,
-                    cuda_graph=graph,
-                    compile=compile_step and graph,
-                )
+        candidates.append(
+            bench.Candidate(
+                name,
+                "student",
+                model,
+                "none",
+                prefill_chunk or None,
+                cuda_graph=graph,
+                compile=compile_step and graph,
             )
+        )
     settings = bench.BenchSettings(
         lengths=length_list,
         batches=batch_list,
