@@ -1,8 +1,8 @@
 """Redraw ``docs/bench_sweep_h100.png`` from the H100 results in ``docs/results``.
 
-The batch-1 sweep came from three calls: the linear student's rows from ``run8`` (no attention,
-so cuDNN's cached-attention cost never touched them), the teacher's from ``run9`` and the
-hybrid's, with both KV caches, from ``run10`` (after cached attention left cuDNN out). This
+The batch-1 sweep came from two calls: the linear student's rows from ``run8`` (no attention,
+so cuDNN's cached-attention cost never touched them), the teacher's and the hybrid's, each with a
+growing KV cache, a static one and a static one replayed from a CUDA graph, from ``run13``. This
 joins those rows into one bench document and plots it with :func:`mmdistill.bench.plot`.
 Usage: ``python scripts/plot_h100_sweep.py``
 """
@@ -16,9 +16,10 @@ from mmdistill import bench
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 LABELS = {
-    "seeded:none": "linear (none)",
+    "seeded:none": "linear (none, graph)",
     "seeded:every:4": "hybrid (every:4)",
     "seeded:every:4 (static KV)": "hybrid (static KV)",
+    "seeded:every:4 (static KV, graph)": "hybrid (static KV, graph)",
 }
 
 
@@ -29,12 +30,12 @@ def rows(name: str, keep) -> tuple[list[dict], list[dict]]:
 
 
 def main() -> None:
-    document = json.loads((RESULTS / "run9_sweep.json").read_text())
+    document = json.loads((RESULTS / "run13_sweep.json").read_text())
     document["models"], document["results"] = [], []
     for name, keep in (
-        ("run9_sweep.json", lambda m: m.startswith("teacher")),
+        ("run13_sweep.json", lambda m: m.startswith("teacher")),
         ("run8_sweep.json", lambda m: m == "seeded:none"),
-        ("run10_sweep_hybrid.json", lambda m: True),
+        ("run13_sweep.json", lambda m: m.startswith("seeded:every:4")),
     ):
         models, results = rows(name, keep)
         document["models"] += models
