@@ -1,0 +1,129 @@
+"""Batch-1 matrix-vector products at the linear student's decode shapes: cuBLAS vs alternatives.
+
+The batch-1 decode step of the HoVLE-shaped linear student is bound by reading its weights, and
+cuBLAS reaches 1.9-2.6 TB/s on its 4-67 MB matrices against a 3.0 TB/s copy bandwidth
+(docs/benchmarks.md). This measures, per weight shape, ``y = W x`` in bf16 with:
+
+* ``cublas``: ``F.linear`` (what the model runs);
+* ``triton``: a plain Triton GEMV (rows per program, a loop over the input dimension, float32
+  accumulation), autotuned per shape;
+* ``inductor``: ``torch.compile`` of ``(W * x).sum(-1)`` (Inductor's reduction kernel, with
+  coordinate-descent tuning).
+
+Each variant is captured in a CUDA graph of calls cycling through enough distinct weight copies
+(over 256 MB) that the 50 MB L2 cache cannot serve them, then replayed and timed with CUDA events;
+results are checked against a float64 product. Prints a table (µs per call, TB/s).
+Usage: ``python3 benchmarks/gemv.py``
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+
+SHAPES = {  # name: (out, in)
+    "mlp gate or up": (8192, 2048),
+    "mlp gate+up packed": (16384, 2048),
+    "mlp down": (2048, 8192),
+    "mixer in-proj (packed)": (6160, 2048),
+    "mixer out-proj": (2048, 2048),
+    "lm head": (92553, 2048),
+}
+
+
+@triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for n in (4, 8, 16, 32)
+        for k in (128, 256, 512)
+        for w in (4, 8)
+        for s in (2, 4)
+    ],
+    key=["N", "K"],
+)
+@triton.jit
+def _gemv_kernel(W, X, Y, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = rows < N
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        inside = cols < K
+        w = tl.load(
+            W + rows[:, None].to(tl.int64) * stride_wn + cols[None, :],
+            mask=live[:, None] & inside[None, :],
+            other=0.0,
+        )
+        x = tl.load(X + cols, mask=inside, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    tl.store(Y + rows, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=live)
+
+
+def triton_gemv(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    n, k = w.shape
+    y = torch.empty(n, device=w.device, dtype=w.dtype)
+    _gemv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](w, x, y, n, k, w.stride(0))
+    return y
+
+
+def graph_time_us(fn, weights, x, reps: int = 5) -> float:
+    """Mean µs per call of ``fn(w, x)`` cycling through ``weights``, replayed from a graph."""
+    for w in weights[:2]:
+        fn(w, x)  # compile / autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(w, x)
+    graph.replay()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) * 1e3 / (reps * len(weights))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pool-mb", type=int, default=400, help="weight copies per shape, MB")
+    args = parser.parse_args()
+    torch._inductor.config.coordinate_descent_tuning = True
+    inductor = torch.compile(lambda w, x: (w * x).sum(-1), dynamic=False)
+    variants = {
+        "cublas": lambda w, x: torch.nn.functional.linear(x[None], w)[0],
+        "triton": triton_gemv,
+        "inductor": inductor,
+    }
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, µs per call (TB/s)")
+    print("| weight | shape | MB | " + " | ".join(variants) + " |")
+    print("|---|---|---:|" + "---:|" * len(variants))
+    for name, (n, k) in SHAPES.items():
+        nbytes = n * k * 2
+        copies = max(2, -(-args.pool_mb * 2**20 // nbytes))
+        g = torch.Generator(device="cuda").manual_seed(n + k)
+        weights = [
+            torch.randn(n, k, generator=g, device="cuda", dtype=torch.bfloat16)
+            for _ in range(copies)
+        ]
+        x = torch.randn(k, generator=g, device="cuda", dtype=torch.bfloat16)
+        exact = weights[0].double() @ x.double()
+        cells = []
+        for fn in variants.values():
+            err = ((fn(weights[0], x).double() - exact).norm() / exact.norm()).item()
+            if err > 1e-2:
+                cells.append(f"wrong ({err:.1e})")
+                continue
+            us = graph_time_us(fn, weights, x)
+            cells.append(f"{us:.1f} ({nbytes / us / 1e6:.2f})")
+        print(f"| {name} | {n}x{k} | {nbytes / 1e6:.1f} | " + " | ".join(cells) + " |", flush=True)
+        del weights
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
