@@ -65,8 +65,6 @@ class GraphDecoder:
             ValueError: for a model not on CUDA; with attention layers, for a missing or too
                 small ``max_length`` or a sliding-window stack.
         """
-        if model.device.type != "cuda":
-            raise ValueError("GraphDecoder needs a model on a CUDA device")
         attention = [i for i, t in enumerate(model.config.layer_types) if t != "mamba"]
         if attention:
             if max_length is None:
@@ -79,6 +77,8 @@ class GraphDecoder:
             windowed = [s for s in model.config.stacks if s.sliding_window is not None]
             if windowed:
                 raise ValueError("GraphDecoder does not support sliding-window attention")
+        if model.device.type != "cuda":
+            raise ValueError("GraphDecoder needs a model on a CUDA device")
         self.model = model
         for layer in model.layers:
             if hasattr(layer.mixer, "pack_projections"):

@@ -282,3 +282,23 @@ def test_device_tracked_kv_cache_matches_static(tiny):
 
 def attn_index(cache):
     return next(i for i, s in enumerate(cache.layers) if hasattr(s, "k_buffer"))
+
+
+def test_graph_decoder_checks_the_model_before_capturing(tiny):
+    """Attention layers need a static-cache capacity, a window is refused, and everything else
+    needs CUDA: clear errors before any capture (these run on CPU)."""
+    import copy
+
+    from mmdistill.graph_decode import GraphDecoder
+
+    teacher, hybrid = tiny
+    with pytest.raises(ValueError, match="are attention: give max_length"):
+        GraphDecoder(hybrid, 2)
+    with pytest.raises(ValueError, match="at least 4"):
+        GraphDecoder(hybrid, 2, max_length=3)
+    windowed = copy.deepcopy(teacher)
+    windowed.config.stacks[0].sliding_window = 16
+    with pytest.raises(ValueError, match="sliding-window"):
+        GraphDecoder(windowed, 1, max_length=64)
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphDecoder(hybrid, 2, max_length=64)

@@ -127,9 +127,12 @@ def bench_command(
         """Rows of a model with attention layers: eager with the standard growing KV cache (as
         its users run it); with a preallocated one, eager and replayed from a CUDA graph."""
         rows = [bench.Candidate(name, role, model, "growing", chunk)]
+        windowed = any(stack.sliding_window is not None for stack in model.config.stacks)
         if static_cache:
             rows.append(bench.Candidate(f"{name} (static KV)", role, model, "static", chunk))
-            if graph:
+            if graph and windowed:
+                err.print(f"{name}: no graph row (GraphDecoder has no sliding-window attention)")
+            elif graph:
                 rows.append(
                     bench.Candidate(
                         f"{name} (static KV, graph)",

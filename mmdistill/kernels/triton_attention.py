@@ -42,6 +42,7 @@ def _split_kernel(
     stride_vb,
     stride_vh,
     stride_vt,
+    HEAD_DIM,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     D: tl.constexpr,
@@ -59,8 +60,9 @@ def _split_kernel(
     d = tl.arange(0, D)
     heads = pid_h * GROUP + g
     live = g < GROUP
+    in_dim = d < HEAD_DIM  # D is the head dimension rounded up to a power of two
     q_ptrs = Q + pid_b * stride_qb + heads[:, None] * stride_qh + d[None, :]
-    q = tl.load(q_ptrs, mask=live[:, None], other=0.0)
+    q = tl.load(q_ptrs, mask=live[:, None] & in_dim[None, :], other=0.0)
     k_base = K + pid_b * stride_kb + pid_h * stride_kh
     v_base = V + pid_b * stride_vb + pid_h * stride_vh
     # A finite floor instead of -inf: an empty split then yields m = floor, l = 0, acc = 0, and
@@ -71,18 +73,19 @@ def _split_kernel(
     for t0 in range(start, end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         inside = t < end
-        k = tl.load(k_base + t[:, None] * stride_kt + d[None, :], mask=inside[:, None], other=0.0)
+        tile = inside[:, None] & in_dim[None, :]
+        k = tl.load(k_base + t[:, None] * stride_kt + d[None, :], mask=tile, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(inside[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + t[:, None] * stride_vt + d[None, :], mask=inside[:, None], other=0.0)
+        v = tl.load(v_base + t[:, None] * stride_vt + d[None, :], mask=tile, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     row = (pid_b * tl.num_programs(1) * GROUP + heads) * splits + pid_s
-    tl.store(ACC + row[:, None] * D + d[None, :], acc, mask=live[:, None])
+    tl.store(ACC + row[:, None] * HEAD_DIM + d[None, :], acc, mask=live[:, None] & in_dim[None, :])
     tl.store(M + row, m, mask=live)
     tl.store(L + row, l_sum, mask=live)
 
@@ -102,10 +105,10 @@ def decode_attention(
     """Arguments and result as :func:`mmdistill.kernels.attention.decode_attention_ref`."""
     b, heads, d = q.shape
     kv_heads, capacity = k_buffer.shape[1], k_buffer.shape[2]
-    if heads % kv_heads or d & (d - 1) or k_buffer.stride(-1) != 1 or v_buffer.stride(-1) != 1:
+    if heads % kv_heads or k_buffer.stride(-1) != 1 or v_buffer.stride(-1) != 1:
         raise ValueError(
-            "decode_attention needs heads divisible by kv_heads, a power-of-two head_dim and "
-            f"contiguous head_dim; got q {tuple(q.shape)}, k {tuple(k_buffer.shape)}"
+            "decode_attention needs heads divisible by kv_heads and a contiguous head_dim; got "
+            f"q {tuple(q.shape)}, k {tuple(k_buffer.shape)}"
         )
     q = q.contiguous()
     group = heads // kv_heads
@@ -134,9 +137,10 @@ def decode_attention(
         v_buffer.stride(0),
         v_buffer.stride(1),
         v_buffer.stride(2),
+        d,
         GROUP=group,
         GROUP_PAD=group_pad,
-        D=d,
+        D=max(16, triton.next_power_of_2(d)),
         BLOCK_T=block,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4,
