@@ -8,9 +8,10 @@ What is timed is the same for every model, context length ``L`` and batch ``B``:
   them); students in chunks of ``prefill_chunk`` tokens so activation memory stays bounded.
 * **decode** -- ``N`` greedy steps after the prefill: each step feeds one token per row through
   the model with the cache and takes the argmax of the logits. Per-token latency is the time of
-  the ``N`` steps over ``N``; throughput is ``B * N`` over that time. Students whose layers are
-  all Mamba-2 replay a captured CUDA graph of the step (``cuda_graph``); models with attention
-  layers run eagerly.
+  the ``N`` steps over ``N``; throughput is ``B * N`` over that time. With ``cuda_graph`` the
+  step is replayed from a captured CUDA graph: all-Mamba students reuse one graph per batch;
+  models with attention layers need a static KV cache (``kv_cache="static"``) and capture one
+  per length, sized for it. Otherwise the step runs eagerly.
 * **peak memory** -- ``torch.cuda.max_memory_allocated`` over the row (weights, cache, prefill
   and decode activations, the captured graph's pool), after resetting the peak.
 
@@ -141,7 +142,8 @@ class Candidate:
         model: the model (moved to the bench device while it is measured).
         kv_cache: ``"growing"``, ``"static"`` (preallocated to ``L + N``) or ``"none"``.
         prefill_chunk: prefill chunk length in tokens, ``None`` for one pass.
-        cuda_graph: decode by replaying a captured CUDA graph.
+        cuda_graph: decode by replaying a captured CUDA graph (with attention layers: only with
+            a static KV cache).
         compile: ``torch.compile`` the decode step before capturing it.
     """
 
@@ -152,6 +154,14 @@ class Candidate:
     prefill_chunk: int | None = None
     cuda_graph: bool = False
     compile: bool = False
+
+    def __post_init__(self) -> None:
+        attention = any(t != "mamba" for t in self.model.config.layer_types)
+        if self.cuda_graph and attention and self.kv_cache != "static":
+            raise ValueError(
+                f"{self.name}: a model with attention layers replays a CUDA graph only with a "
+                "static KV cache"
+            )
 
     def describe(self) -> dict:
         """JSON description of the candidate (no weights)."""

@@ -106,6 +106,13 @@ def test_plot_writes_png(candidates, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_graph_rows_of_attention_models_need_a_static_cache(candidates):
+    teacher = candidates[0].model
+    with pytest.raises(ValueError, match="static KV cache"):
+        bench.Candidate("teacher", "teacher", teacher, "growing", cuda_graph=True)
+    bench.Candidate("teacher", "teacher", teacher, "static", cuda_graph=True)
+
+
 def test_random_model_shapes():
     config = bench.RANDOM_SHAPES["hovle-2.6b"]()
     assert config.num_layers == 32 and config.vocab_size == 92553
