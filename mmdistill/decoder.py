@@ -236,7 +236,7 @@ class KVState:
         """Append ``k``, ``v`` ``[b, kv_heads, l, head_dim]``; returns everything cached so far
         (with a device-tracked length and one token: the whole buffers, see :attr:`slot`)."""
         new = k.shape[2]
-        if self.slot is not None and new == 1:
+        if self.decodes_on_device and new == 1:
             self.k_buffer.index_copy_(2, self.slot, k)
             self.v_buffer.index_copy_(2, self.slot, v)
             self.slot.add_(1)
@@ -276,21 +276,19 @@ class KVState:
     def sync_length(self) -> None:
         """Set ``length`` from :attr:`slot` (after eager steps that may have written there,
         e.g. a one-token last prefill chunk)."""
-        self.length = 0
-        self.advance(int(self.slot.item()))
+        self.advance(int(self.slot.item()) - self.length)
 
     def copy_(self, other: KVState) -> None:
         """Copy ``other``'s tokens into this static cache in place (a batch-1 cache is
         broadcast to every row)."""
         if self.k_buffer is None:
             raise ValueError("copy_ needs a static KV cache to copy into")
-        self.length = 0
+        self.reset()
         self.check_room(other.length)
         end = other.length
         self.k_buffer[:, :, :end].copy_(other.k.expand_as(self.k_buffer[:, :, :end]))
         self.v_buffer[:, :, :end].copy_(other.v.expand_as(self.v_buffer[:, :, :end]))
-        self.length = end
-        self.k, self.v = self.k_buffer[:, :, :end], self.v_buffer[:, :, :end]
+        self.advance(end)
         if self.slot is not None:
             self.slot.fill_(end)
 

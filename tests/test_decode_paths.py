@@ -275,8 +275,8 @@ def test_device_tracked_kv_cache_matches_static(tiny):
     torch.testing.assert_close(attn[0].k[1], one_row.layers[attn_index(cache)].k[0])
     cache.reset()
     assert all(s.length == 0 and int(s.slot) == 0 for s in attn)
+    attn[0].advance(48)
     with pytest.raises(ValueError, match="full"):
-        attn[0].length = 48
         attn[0].check_room(1)
 
 
