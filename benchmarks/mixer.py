@@ -180,7 +180,7 @@ def bare_sdpa(length, shape, device, dtype) -> float:
 
 def bare_ssd(length, shape, device, dtype, chunk_sizes) -> dict:
     """mamba-ssm's SSD kernel on inputs already in its layout, for each chunk size."""
-    from mmdistill.kernels import triton as triton_backend
+    from mmdistill.kernels import ssd_mamba_ssm as triton_backend
 
     h, p = shape["heads"], shape["head_dim"]
     out = {}

@@ -3,7 +3,7 @@
 Builds a random HoVLE-2.6B-shaped teacher (8 embedding-module + 24 LLM layers, width 2048,
 16 heads / 8 KV heads of 128, MLP 8192, vocabulary 92553) in bfloat16, seeds a student (linear by
 default), and times full optimiser steps of the trainer's own pieces
-(:class:`~mmdistill.stages.TeacherForward`, :class:`~mmdistill.stages.DistillObjective`, AdamW,
+(:class:`~mmdistill.objective.TeacherForward`, :class:`~mmdistill.objective.DistillObjective`, AdamW,
 float32 master weights with bf16 autocast) on text batches of ``--seq`` tokens:
 
 * stage 1 (layer-wise MSE, trains ``ssm``) and stage 2 (layer-wise MSE, trains ``ssm, qkv``):
@@ -31,10 +31,11 @@ import torch
 
 import mmdistill
 from mmdistill.decoder import StackConfig
+from mmdistill.frontends.hovle_vision import HoVLEVisionConfig
 from mmdistill.model import DecoderLM, LMConfig
+from mmdistill.objective import DistillObjective, TeacherForward
 from mmdistill.recipe import LossSpec
-from mmdistill.stages import DistillObjective, TeacherForward, set_trainable
-from mmdistill.teachers.hovle_vision import HoVLEVisionConfig
+from mmdistill.roles import set_trainable
 
 HOVLE_2_6B = dict(
     hidden=2048,

@@ -10,13 +10,13 @@ Top-level API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .checkpoint import load_student, save_pretrained  # noqa: E402
-from .generation import generate  # noqa: E402
-from .model import DecoderLM, LMConfig  # noqa: E402
-from .seeding import seed  # noqa: E402
-from .teachers import load_teacher  # noqa: E402
+from .checkpoint import save_pretrained
+from .generation import generate
+from .lm_config import LMConfig
+from .model import DecoderLM, load_student
+from .seeding import seed
+from .teachers import load_teacher
+from .version import __version__
 
 __all__ = [
     "DecoderLM",

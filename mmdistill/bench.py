@@ -38,6 +38,7 @@ import torch
 
 from .decoder import StackConfig
 from .generation import prefill
+from .graph_decode import GraphDecoder
 from .model import DecoderLM, LMCache, LMConfig
 
 SCHEMA = "mmdistill.bench/1"
@@ -354,8 +355,6 @@ def measure(
 def _graph_for(candidate: Candidate, batch: int, length: int, settings: BenchSettings):
     """A captured decode step for ``batch`` rows (warm-up, compilation and capture happen here);
     a static KV cache is sized for ``length`` prompt tokens and the decode steps."""
-    from .graph_decode import GraphDecoder
-
     capacity = length + settings.decode_tokens + 1 if candidate.kv_cache == "static" else None
     return GraphDecoder(candidate.model, batch, compile=candidate.compile, max_length=capacity)
 

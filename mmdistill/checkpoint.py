@@ -1,9 +1,9 @@
 """Student (and teacher) checkpoints in Hugging Face layout.
 
-A directory holds ``config.json`` (the full :class:`~mmdistill.model.LMConfig`: layout, mixer
+A directory holds ``config.json`` (the full :class:`~mmdistill.lm_config.LMConfig`: layout, mixer
 settings, the teacher's own config and provenance), ``model.safetensors`` (or shards with an
 index), ``generation_config.json`` and the teacher's tokenizer/processor files. It is written to a
-temporary name and renamed when complete.
+temporary name and renamed when complete. :func:`mmdistill.model.load_student` reads one back.
 """
 
 from __future__ import annotations
@@ -12,32 +12,33 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
-from . import __version__
 from .errors import CheckpointError
-from .io import atomic_directory, read_safetensors, save_sharded
-from .model import DecoderLM, LMConfig
+from .files import TOKENIZER_FILES, atomic_directory, save_sharded
+from .lm_config import LMConfig
+from .version import __version__
 
 MODEL_TYPE = "mmdistill"
 
 
-def config_document(model: DecoderLM) -> dict:
+def config_document(model) -> dict:
+    """The ``config.json`` document of ``model`` (a :class:`~mmdistill.model.DecoderLM`)."""
     data = model.config.to_dict()
     data["version"] = __version__
     return {"model_type": MODEL_TYPE, "architectures": ["DecoderLM"], **data}
 
 
 def save_pretrained(
-    model: DecoderLM,
+    model,
     directory: str | Path,
     overwrite: bool = False,
     max_shard_bytes: int = 2 << 30,
     extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write ``model`` to ``directory`` atomically; returns the directory."""
-    from .teachers.loading import TOKENIZER_FILES
+    """Write ``model`` (a :class:`~mmdistill.model.DecoderLM`) to ``directory`` atomically.
 
+    Returns:
+        The directory.
+    """
     directory = Path(directory)
     state = {k: v for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
@@ -61,15 +62,13 @@ def save_pretrained(
     return directory
 
 
-def load_student(
-    directory: str | Path,
-    dtype: torch.dtype | str | None = None,
-    device: str | torch.device = "cpu",
-) -> DecoderLM:
-    """Rebuild a model written by :func:`save_pretrained`, without its teacher."""
-    from .teachers.loading import build_from_state_dict
+def read_student_config(directory: Path) -> LMConfig:
+    """The :class:`~mmdistill.lm_config.LMConfig` of a student directory, with its provenance
+    pointing at ``directory`` (tokenizer files travel with the student).
 
-    directory = Path(directory)
+    Raises:
+        CheckpointError: no config, invalid JSON, not an mmdistill student, or unknown keys.
+    """
     path = directory / "config.json"
     if not path.exists():
         raise CheckpointError(f"{directory} is not an mmdistill checkpoint (no config.json)")
@@ -86,13 +85,5 @@ def load_student(
         config = LMConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    # Tokenizer files travel with the student: point provenance at this directory for re-saves.
     config.teacher = {**config.teacher, "directory": str(directory.resolve())}
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    tensors = read_safetensors(directory)
-    try:
-        model = build_from_state_dict(config, tensors, dtype)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{directory}: weights do not match config.json: {exc}") from exc
-    return model.to(device)
+    return config

@@ -8,13 +8,14 @@ checkpoint kept), 130 interrupted.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import typer
-from rich.console import Console
 
+from .commands import bench_cmd, demo_cmd, eval_cmd, generate_cmd, run_cmd, seed_cmd
+from .commands.output import err
 from .errors import MmdistillError
+from .version import __version__
 
 app = typer.Typer(
     name="mmdistill",
@@ -23,13 +24,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True)
-
-
-def emit_json(document: dict) -> None:
-    """Print the single JSON document of a ``--json`` run on stdout."""
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
-    sys.stdout.flush()
 
 
 @app.callback()
@@ -38,20 +32,12 @@ def _root(
 ) -> None:
     """Distil decoder-only (multimodal) transformers into Mamba-2 and hybrid students."""
     if version:
-        from . import __version__
-
         typer.echo(__version__)
         raise typer.Exit()
 
 
-def _register() -> None:
-    from .commands import bench_cmd, demo_cmd, eval_cmd, generate_cmd, run_cmd, seed_cmd
-
-    for module in (seed_cmd, run_cmd, eval_cmd, generate_cmd, bench_cmd, demo_cmd):
-        module.register(app)
-
-
-_register()
+for _module in (seed_cmd, run_cmd, eval_cmd, generate_cmd, bench_cmd, demo_cmd):
+    _module.register(app)
 
 
 def main() -> None:

@@ -41,8 +41,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import MODEL_TYPE
+from .data.synthetic import answer_accuracy
 from .errors import DataError, MmdistillError
-from .model import DecoderLM
+from .frontends.hovle import expand_prompt, is_hovle, prepare_images
+from .frontends.hovle_image import render_chat
+from .generation import generate
+from .model import DecoderLM, load_student
+from .teachers import load_teacher
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
@@ -78,8 +84,6 @@ _ROLES = {
 
 def is_student_dir(source: str | Path) -> bool:
     """True when ``source`` is a directory whose ``config.json`` says ``model_type`` mmdistill."""
-    from .checkpoint import MODEL_TYPE
-
     path = Path(source) / "config.json"
     if not path.is_file():
         return False
@@ -93,9 +97,6 @@ def load_model(
     source: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu"
 ) -> DecoderLM:
     """A student directory (``load_student``) or any teacher source (``load_teacher``)."""
-    from .checkpoint import load_student
-    from .teachers import load_teacher
-
     if is_student_dir(source):
         return load_student(source, dtype=dtype, device=device)
     return load_teacher(str(source), dtype=dtype, device=device)
@@ -162,9 +163,6 @@ def chat_format_for(
     Returns:
         A :class:`ChatFormat`.
     """
-    from .teachers.hovle import is_hovle
-    from .teachers.hovle_image import render_chat
-
     stops = _eos_list(model.config.eos_token_id)
     if tokenizer.eos_token_id is not None:
         stops.append(tokenizer.eos_token_id)
@@ -201,8 +199,6 @@ def chat_format_for(
 
 def _expand(model_config, text: str, tiles: Sequence[int]) -> str:
     """Expand the ``<image>`` placeholders of ``text`` (HoVLE) with the first images' tiles."""
-    from .teachers.hovle import expand_prompt
-
     count = text.count(IMAGE_PLACEHOLDER)
     if count > len(tiles):
         raise DataError(f"{count} {IMAGE_PLACEHOLDER} placeholders but {len(tiles)} images")
@@ -210,8 +206,6 @@ def _expand(model_config, text: str, tiles: Sequence[int]) -> str:
 
 
 def _image_tiles(model_config, images: Sequence[Path]) -> tuple[torch.Tensor | None, list[int]]:
-    from .teachers.hovle import prepare_images
-
     return prepare_images(model_config, list(images))
 
 
@@ -653,8 +647,6 @@ def _answers(
     advance: Callable[[int], None],
 ) -> list[str]:
     """Greedy answers to ``questions`` (left-padded batches), cut at the first stop token."""
-    from .generation import generate
-
     answers = []
     for start in range(0, len(questions), batch_size):
         batch = questions[start : start + batch_size]
@@ -855,8 +847,6 @@ def evaluate_many(
 def _accuracy(
     refs: Sequence[str], teacher: Sequence[str], student: Sequence[str]
 ) -> dict[str, Any] | None:
-    from .data.synthetic import answer_accuracy
-
     if not refs:
         return None
     return {
@@ -909,8 +899,6 @@ def lm_eval_available() -> bool:
 def _harness_model(model: DecoderLM, tokenizer: Tokenizer, max_length: int):
     """``model`` wrapped as an ``lm_eval.api.model.LM`` (log-likelihoods and greedy generation)."""
     from lm_eval.api.model import LM
-
-    from .generation import generate
 
     prefix, _ = _special_affixes(tokenizer)
 

@@ -5,10 +5,12 @@ top-p. Long prompts can be prefilled in chunks so activation memory stays bounde
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from .model import DecoderLM, LMCache
+if TYPE_CHECKING:  # annotations only: the model calls down into this module
+    from .model import DecoderLM, LMCache
 
 
 def sample_next(

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import BACKENDS, check_backend, resolve_backend, ssd, ssd_step
-from .kernels import fused as fused_kernels
-from .kernels import triton as triton_backend
+from .kernels import fused_reference as fused_kernels
+from .kernels import ssd_mamba_ssm as triton_backend
 
 GATE_ORDERS = ("before_norm", "after_norm")
 # SSD chunk length per concrete backend when the config leaves it open. mamba-ssm's kernels use
@@ -46,9 +46,6 @@ GATE_ORDERS = ("before_norm", "after_norm")
 # 12.94 ms with 64 (docs/benchmarks.md). The PyTorch SSD's intra-chunk work grows with the chunk,
 # so the CPU path keeps 64.
 CHUNK_DEFAULTS = {"triton": 256, "torch": 64, "naive": 64}
-
-# Parameter-name prefix -> role, for the trainer's parameter groups.
-INHERITED_ROLES = {"c_proj": "qkv", "b_proj": "qkv", "x_proj": "qkv", "out_proj": "out_proj"}
 
 
 @dataclass

@@ -9,130 +9,21 @@ config alone describes a hybrid student.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
-from .decoder import (
-    AttnContext,
-    DecoderLayer,
-    RMSNorm,
-    Rotary,
-    StackConfig,
-    mixer_config_for,
-    new_layer_state,
-)
-
-LAYER_TYPES = ("attention", "mamba")
-FRONT_ENDS: dict[str, Callable[[LMConfig], nn.Module]] = {}
-
-
-def register_front_end(name: str):
-    """Class decorator registering a front-end module under ``config.front_end["type"]``."""
-
-    def wrap(cls):
-        FRONT_ENDS[name] = cls
-        return cls
-
-    return wrap
-
-
-@dataclass
-class LMConfig:
-    """Everything needed to rebuild a teacher or student without its source checkpoint.
-
-    Attributes:
-        vocab_size: rows of the LM head.
-        hidden_size: model width (shared by every stack).
-        stacks: the decoder stacks in order.
-        layer_types: ``"attention"`` or ``"mamba"`` for each layer of the flat list.
-        mixer: options for the Mamba-2 mixers (``conv_kernel``, ``gate_order``, ...).
-        front_end: ``{"type": "text"}`` or a registered multimodal front-end with its settings.
-        final_norm_eps: epsilon of the final RMSNorm.
-        tie_word_embeddings: LM head shares the token-embedding matrix.
-        bos_token_id, eos_token_id, pad_token_id: special ids (eos may be a list).
-        chat_template: Jinja or named template for chat prompts, if the teacher has one.
-        teacher: provenance (source, architecture, weight hashes, the teacher's own config).
-        version: the mmdistill version that wrote the config.
-    """
-
-    vocab_size: int
-    hidden_size: int
-    stacks: list[StackConfig]
-    layer_types: list[str] | None = None
-    mixer: dict = field(default_factory=dict)
-    front_end: dict = field(default_factory=lambda: {"type": "text"})
-    final_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    chat_template: str | None = None
-    teacher: dict = field(default_factory=dict)
-    version: str = ""
-
-    def __post_init__(self) -> None:
-        self.stacks = [
-            s if isinstance(s, StackConfig) else StackConfig.from_dict(s) for s in self.stacks
-        ]
-        if not self.stacks:
-            raise ValueError("a model needs at least one decoder stack")
-        if self.layer_types is None:
-            self.layer_types = ["attention"] * self.num_layers
-        if len(self.layer_types) != self.num_layers:
-            raise ValueError(
-                f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers"
-            )
-        bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
-        if bad:
-            raise ValueError(f"layer_types must be in {LAYER_TYPES}; got {bad}")
-        if "type" not in self.front_end:
-            raise ValueError("front_end needs a 'type'")
-
-    @property
-    def num_layers(self) -> int:
-        return sum(s.num_layers for s in self.stacks)
-
-    def stack_of_layer(self) -> list[int]:
-        """Index of the stack each flat layer belongs to."""
-        return [i for i, s in enumerate(self.stacks) for _ in range(s.num_layers)]
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["stacks"] = [s.to_dict() for s in self.stacks]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LMConfig:
-        data = {k: v for k, v in data.items() if k not in ("model_type", "architectures")}
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(**data)
-
-
-@register_front_end("text")
-class TextFrontEnd(nn.Module):
-    """Token embeddings only."""
-
-    def __init__(self, config: LMConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-
-    def forward(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if pixel_values is not None:
-            raise ValueError("this model has a text-only front-end; it cannot take pixel_values")
-        return self.embed_tokens(input_ids)
-
-    def token_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
+from .checkpoint import read_student_config, save_pretrained
+from .decoder import AttnContext, DecoderLayer, RMSNorm, Rotary, mixer_config_for, new_layer_state
+from .errors import CheckpointError
+from .files import read_safetensors
+from .frontends import front_end_class
+from .generation import generate
+from .lm_config import LMConfig
 
 
 class LMCache:
@@ -195,14 +86,6 @@ class LMOutput:
     last_hidden_state: torch.Tensor | None = None
 
 
-def _front_end_class(kind: str):
-    if kind not in FRONT_ENDS:
-        importlib.import_module("mmdistill.teachers")  # registers multimodal front-ends
-    if kind not in FRONT_ENDS:
-        raise ValueError(f"unknown front_end type {kind!r}; known: {sorted(FRONT_ENDS)}")
-    return FRONT_ENDS[kind]
-
-
 def build_attention_mask(
     q_len: int,
     key_mask: torch.Tensor | None,
@@ -242,7 +125,7 @@ class DecoderLM(nn.Module):
     def __init__(self, config: LMConfig):
         super().__init__()
         self.config = config
-        self.front = _front_end_class(config.front_end["type"])(config)
+        self.front = front_end_class(config.front_end["type"])(config)
         stack_ids = config.stack_of_layer()
         layers = []
         for i, kind in enumerate(config.layer_types):
@@ -279,14 +162,10 @@ class DecoderLM(nn.Module):
 
     def save_pretrained(self, directory, **kwargs):
         """See :func:`mmdistill.checkpoint.save_pretrained`."""
-        from .checkpoint import save_pretrained
-
         return save_pretrained(self, directory, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """See :func:`mmdistill.generation.generate`."""
-        from .generation import generate
-
         return generate(self, input_ids, **kwargs)
 
     def mixer_layers(self) -> list[int]:
@@ -407,3 +286,53 @@ class DecoderLM(nn.Module):
             captures=captures,
             last_hidden_state=last,
         )
+
+
+def expected_shapes(model: DecoderLM) -> dict[str, torch.Size]:
+    """Every state-dict key of ``model`` with its shape (a tied LM head is not a key)."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def build_from_state_dict(
+    config: LMConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
+) -> DecoderLM:
+    """Instantiate on the meta device and assign ``tensors`` (no random-init cost or copy)."""
+    with torch.device("meta"):
+        model = DecoderLM(config)
+    if config.tie_word_embeddings:
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+        tensors["lm_head.weight"] = tensors["front.embed_tokens.weight"]
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.front.token_embeddings().weight
+    for rotary in model.rotary:
+        rotary.inv_freq = rotary._inv_freq(rotary.config.rope_theta)
+    return model.eval()
+
+
+def load_student(
+    directory: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+) -> DecoderLM:
+    """Rebuild a model written by :func:`mmdistill.checkpoint.save_pretrained`, without its
+    teacher.
+
+    Raises:
+        CheckpointError: the directory is not a complete mmdistill checkpoint.
+    """
+    directory = Path(directory)
+    config = read_student_config(directory)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    tensors = read_safetensors(directory)
+    try:
+        model = build_from_state_dict(config, tensors, dtype)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{directory}: weights do not match config.json: {exc}") from exc
+    return model.to(device)

@@ -32,12 +32,11 @@ from pydantic import (
     model_validator,
 )
 
+from .attention_layers import parse_attention_layers
 from .errors import RecipeError
+from .mixer import MixerConfig
+from .roles import MIXER_ROLES, Role
 
-ROLES = ("ssm", "qkv", "out_proj", "attention", "mlp", "norms", "embeddings", "vision")
-"""Parameter groups a stage can train (see :func:`mmdistill.stages.parameter_role`)."""
-MIXER_ROLES = ("ssm", "qkv", "out_proj")
-Role = Literal["ssm", "qkv", "out_proj", "attention", "mlp", "norms", "embeddings", "vision"]
 BUILTIN_DATA = ("builtin:shapes", "builtin:shapes/eval", "builtin:shapes/text")
 
 
@@ -50,7 +49,7 @@ class StudentSpec(_Strict):
 
     Attributes:
         attention_layers: ``none`` | ``all`` | ``every:K`` | a comma list or a list of indices
-            over the flat decoder stack (see :mod:`mmdistill.layout`).
+            over the flat decoder stack (see :mod:`mmdistill.attention_layers`).
         mixer: :class:`~mmdistill.mixer.MixerConfig` options (``conv_kernel``, ``gate_order``,
             ``use_D``, ``backend``, ``chunk_size``, ...); sizes come from the teacher.
         seed: RNG seed of the new SSM parameters.
@@ -63,8 +62,6 @@ class StudentSpec(_Strict):
     @field_validator("attention_layers")
     @classmethod
     def _layout(cls, value):
-        from .layout import parse_attention_layers
-
         # Syntax only (the layer count comes with the teacher); every:K is checked on one layer
         # so that no range of 2**30 indices is built.
         every = isinstance(value, str) and value.strip().lower().startswith("every:")
@@ -74,8 +71,6 @@ class StudentSpec(_Strict):
     @field_validator("mixer")
     @classmethod
     def _mixer(cls, value):
-        from .mixer import MixerConfig
-
         fixed = sorted(set(value) & {"hidden_size", "num_heads", "num_kv_heads", "head_dim"})
         if fixed:
             raise ValueError(f"{', '.join(fixed)} come(s) from the teacher and cannot be set")
@@ -218,7 +213,7 @@ class StageSpec(_Strict):
 
     Attributes:
         name: label used in logs, checkpoints and the report.
-        trainable: parameter groups that train (roles, see :data:`ROLES`); everything else is
+        trainable: parameter groups that train (roles, see :data:`mmdistill.roles.ROLES`); everything else is
             frozen.
         loss: see :class:`LossSpec`.
         lr, weight_decay, betas, eps: AdamW settings (weight decay applies to matrices only).

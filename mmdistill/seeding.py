@@ -13,11 +13,12 @@ from dataclasses import replace
 
 import torch
 
+from .attention_layers import layer_types_for
 from .decoder import Attention
 from .errors import MmdistillError
-from .layout import layer_types_for
-from .mixer import INHERITED_ROLES, Mamba2Mixer
-from .model import DecoderLM
+from .mixer import Mamba2Mixer
+from .model import DecoderLM, build_from_state_dict
+from .roles import INHERITED_PARAMS
 
 
 def seed(
@@ -30,7 +31,7 @@ def seed(
 
     Args:
         teacher: a loaded teacher (all layers attention).
-        attention_layers: layout spec, see :mod:`mmdistill.layout`.
+        attention_layers: layout spec, see :mod:`mmdistill.attention_layers`.
         mixer: mixer options (``conv_kernel``, ``gate_order``, ``use_D``, ``backend``, ...).
         seed: RNG seed for the new parameters (dt_bias, gate).
 
@@ -88,8 +89,6 @@ def seed(
         student_state.pop("lm_head.weight", None)
     if missing:
         raise MmdistillError(f"seeding left parameters unset: {sorted(missing)[:5]}")
-    from .teachers.loading import build_from_state_dict
-
     student = build_from_state_dict(student_config, student_state, None).to(teacher.device)
     return student
 
@@ -102,6 +101,6 @@ def count_parameters(student: DecoderLM) -> dict[str, int]:
         if ".mixer." in name:
             module = name.split(".mixer.", 1)[1].split(".", 1)[0]
             is_mamba = student.config.layer_types[int(name.split(".")[1])] == "mamba"
-            if is_mamba and module not in INHERITED_ROLES:
+            if is_mamba and module not in INHERITED_PARAMS:
                 new += p.numel()
     return {"total": total, "new": new, "inherited": total - new}

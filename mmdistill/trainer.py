@@ -54,10 +54,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .checkpoint import config_document
+from .data.loader import make_iterator, shapes_dataset
+from .data.text import DataContext
 from .errors import CheckpointError, DataError, RecipeError, TrainingError
-from .model import DecoderLM
+from .files import read_safetensors, save_sharded
+from .model import DecoderLM, build_from_state_dict
+from .objective import DistillObjective, TeacherForward
 from .recipe import Recipe, ScheduleSpec, StageSpec
-from .stages import DistillObjective, TeacherForward, set_trainable
+from .roles import set_trainable
+from .seeding import seed
+from .teachers import load_teacher
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -276,8 +283,6 @@ class Distiller:
             self.console.print(message, highlight=False, soft_wrap=True)
 
     def _load_models(self) -> tuple[DecoderLM, DecoderLM]:
-        from . import load_teacher, seed
-
         recipe = self.recipe
         teacher = load_teacher(recipe.teacher, dtype=recipe.resolved_teacher_dtype)
         student = seed(
@@ -289,9 +294,6 @@ class Distiller:
         return teacher.to(self.device), student.float().to(self.device)
 
     def _data_context(self, teacher: DecoderLM):
-        from .data.loader import shapes_dataset
-        from .data.text import DataContext
-
         data = self.recipe.data
         ctx = DataContext(
             teacher.config,
@@ -385,9 +387,6 @@ class Distiller:
         current: dict | None = None,
     ) -> Path:
         """Write a complete checkpoint atomically and point ``latest`` at it (all processes)."""
-        from .checkpoint import config_document
-        from .io import save_sharded
-
         name = checkpoint_name(stage_index, step, self.recipe.stages[stage_index].name)
         final = self.ckpt_root / name
         tmp = self.ckpt_root / f".tmp-{name}"
@@ -509,8 +508,6 @@ class Distiller:
     # ---------------------------------------------------------------- stages
 
     def _stage_iterator(self, stage: StageSpec, ctx, shapes, specs, seed):
-        from .data.loader import make_iterator
-
         data = self.recipe.data
         return make_iterator(
             specs,
@@ -566,8 +563,6 @@ class Distiller:
         resume_state: dict | None,
         resume_dir: Path | None,
     ) -> tuple[DecoderLM, dict]:
-        from .teachers.loading import build_from_state_dict
-
         recipe = self.recipe
         stage = recipe.stages[stage_index]
         data = recipe.data
@@ -866,8 +861,6 @@ class Distiller:
 
     def run(self) -> dict:
         """Run every remaining stage and write the student; returns the report."""
-        from .io import read_safetensors
-
         recipe = self.recipe
         resume_dir = self._preflight()
         self._setup_processes()

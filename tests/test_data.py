@@ -23,9 +23,9 @@ from mmdistill.data.loader import (
 )
 from mmdistill.data.text import DataContext, Sample, TextSource
 from mmdistill.errors import DataError
+from mmdistill.frontends.hovle import expand_prompt, prepare_images
+from mmdistill.frontends.hovle_image import render_chat
 from mmdistill.recipe import DataSource, ShapesSpec
-from mmdistill.teachers.hovle import expand_prompt, prepare_images
-from mmdistill.teachers.hovle_image import render_chat
 
 
 @pytest.fixture

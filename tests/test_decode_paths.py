@@ -8,7 +8,7 @@ import torch
 
 from mmdistill.bench import random_model
 from mmdistill.generation import prefill
-from mmdistill.kernels.fused import (
+from mmdistill.kernels.fused_reference import (
     conv_silu_expand_ref,
     mixer_decode_step,
     mixer_decode_step_ref,

@@ -10,7 +10,7 @@ import mmdistill
 from mmdistill.data.synthetic import generate_samples
 from mmdistill.demo.pipeline import score_answers
 from mmdistill.evaluation import tokenizer_for
-from mmdistill.teachers.hovle import chat_prompt, prepare_images
+from mmdistill.frontends.hovle import chat_prompt, prepare_images
 
 
 def test_score_answers_matches_one_question_at_a_time():

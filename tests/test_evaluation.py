@@ -20,7 +20,7 @@ from mmdistill.data.kjv import HELD_OUT_BOOKS, parse_bible_output, read_verses, 
 from mmdistill.data.synthetic import generate_samples, write_multimodal_jsonl
 from mmdistill.errors import DataError
 from mmdistill.evaluation import evaluate, evaluate_many, prepare_file, tokenizer_for
-from mmdistill.teachers.hovle import chat_prompt, prepare_images
+from mmdistill.frontends.hovle import chat_prompt, prepare_images
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -177,7 +177,7 @@ def test_conversations_score_answer_tokens_and_generate_answers(chat_llama, tmp_
 
 @pytest.fixture(scope="module")
 def hovle_teacher(tmp_path_factory):
-    from mmdistill.teachers.hovle_fixture import write_tiny_hovle
+    from mmdistill.teachers.tiny_hovle import write_tiny_hovle
 
     directory = tmp_path_factory.mktemp("hovle")
     write_tiny_hovle(directory, seed=0)

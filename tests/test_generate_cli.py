@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import mmdistill
 from mmdistill.cli import app
 from mmdistill.errors import DataError
-from mmdistill.teachers.hovle import chat_prompt, prepare_images
+from mmdistill.frontends.hovle import chat_prompt, prepare_images
 from mmdistill.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def chat_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hovle_student(tmp_path_factory):
-    from mmdistill.teachers.hovle_fixture import write_tiny_hovle
+    from mmdistill.teachers.tiny_hovle import write_tiny_hovle
 
     root = tmp_path_factory.mktemp("hovle")
     write_tiny_hovle(root / "teacher", seed=0)

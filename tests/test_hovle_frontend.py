@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from mmdistill.teachers.hovle_fixture import pack_wqkv_grouped, write_tiny_hovle
-from mmdistill.teachers.hovle_image import (
+from mmdistill.frontends.hovle_image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     build_chat_prompt,
@@ -29,7 +28,7 @@ from mmdistill.teachers.hovle_image import (
     load_image,
     render_chat,
 )
-from mmdistill.teachers.hovle_vision import (
+from mmdistill.frontends.hovle_vision import (
     HoVLEVisionConfig,
     HoVLEVisionFrontEnd,
     embed_text,
@@ -38,6 +37,7 @@ from mmdistill.teachers.hovle_vision import (
     num_image_tokens,
     pixel_shuffle,
 )
+from mmdistill.teachers.tiny_hovle import pack_wqkv_grouped, write_tiny_hovle
 
 # ----------------------------------------------------------------------------- pixel shuffle
 

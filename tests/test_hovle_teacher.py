@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import mmdistill
-from mmdistill.teachers.hovle import chat_prompt, prepare_images
-from mmdistill.teachers.hovle_fixture import write_tiny_hovle
-from mmdistill.teachers.hovle_vision import (
+from mmdistill.frontends.hovle import chat_prompt, prepare_images
+from mmdistill.frontends.hovle_vision import (
     HoVLEVisionConfig,
     HoVLEVisionFrontEnd,
     extract_front_end_state,
 )
+from mmdistill.teachers.tiny_hovle import write_tiny_hovle
 from mmdistill.tokenizer import load_tokenizer
 
 

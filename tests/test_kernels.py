@@ -131,7 +131,7 @@ def test_triton_wrapper_segments_long_sequences(monkeypatch, initial, return_fin
     sequence, gradients included. The wrapper casts the per-head parameters and the state to
     float32 as mamba-ssm wants, so they are drawn float32-exact and the state compared at float32
     precision."""
-    from mmdistill.kernels import triton as triton_backend
+    from mmdistill.kernels import ssd_mamba_ssm as triton_backend
 
     calls = []
 

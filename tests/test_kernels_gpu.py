@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from mmdistill.kernels import ssd, ssd_step
-from mmdistill.kernels import triton as triton_backend
+from mmdistill.kernels import ssd_mamba_ssm as triton_backend
 from mmdistill.kernels.chunked import ssd_chunked
-from mmdistill.kernels.fused import conv_silu_expand_ref, mixer_decode_step_ref
+from mmdistill.kernels.fused_reference import conv_silu_expand_ref, mixer_decode_step_ref
 from mmdistill.kernels.naive import ssd_step_naive
 
 pytestmark = [

@@ -9,13 +9,8 @@ import pytest
 import yaml
 
 from mmdistill.errors import RecipeError
-from mmdistill.recipe import (
-    ROLES,
-    apply_overrides,
-    load_recipe,
-    parse_value,
-    validate_recipe,
-)
+from mmdistill.recipe import apply_overrides, load_recipe, parse_value, validate_recipe
+from mmdistill.roles import ROLES
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -120,9 +120,9 @@ def test_run_json_prints_one_document(monkeypatch, capfd, tmp_path):
 
 
 def test_non_finite_loss_exits_3(monkeypatch, capfd, tmp_path):
-    import mmdistill.stages as stages
+    import mmdistill.objective as objective
 
-    monkeypatch.setattr(stages, "layer_mse", lambda *a: torch.tensor(float("inf")))
+    monkeypatch.setattr(objective, "layer_mse", lambda *a: torch.tensor(float("inf")))
     assert cli(monkeypatch, "run", *common(tmp_path)) == 3
     err = " ".join(capfd.readouterr().err.split())
     assert "step 1: the loss is not finite (inf)" in err

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import mmdistill
+from mmdistill.attention_layers import parse_attention_layers
 from mmdistill.errors import CheckpointError, MmdistillError
-from mmdistill.layout import parse_attention_layers
 from mmdistill.mixer import Mamba2Mixer
 
 
@@ -135,14 +135,14 @@ def test_save_load_round_trip(tmp_path, llama_teacher, llama_dir):
 
 
 def test_failed_save_leaves_nothing(tmp_path, llama_teacher, monkeypatch):
-    import mmdistill.io as io
+    import mmdistill.files as files_module
 
     student = mmdistill.seed(llama_teacher)
 
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(io, "save_file", boom)
+    monkeypatch.setattr(files_module, "save_file", boom)
     with pytest.raises(CheckpointError, match="disk full"):
         student.save_pretrained(tmp_path / "s")
     assert list(tmp_path.iterdir()) == []

@@ -7,16 +7,15 @@ import torch
 import torch.nn.functional as F
 
 import mmdistill
-from mmdistill.recipe import ROLES, LossSpec
-from mmdistill.stages import (
+from mmdistill.objective import (
     DistillObjective,
     TeacherForward,
     kl_per_token,
     layer_mse,
     next_token_ce,
-    parameter_role,
-    set_trainable,
 )
+from mmdistill.recipe import LossSpec
+from mmdistill.roles import ROLES, parameter_role, set_trainable
 
 
 @pytest.fixture(scope="module")

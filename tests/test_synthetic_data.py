@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import warnings
 from collections import Counter, deque
 from pathlib import Path
@@ -232,15 +233,6 @@ def test_jsonl_schema_and_images(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob(".*tmp*"))
 
 
-def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
-    target = tmp_path / "x.txt"
-    synthetic._atomic_write_bytes(target, b"old")
-    with pytest.raises(TypeError):
-        synthetic._atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
-
-
 def test_build_is_idempotent_and_restarts_after_interruption(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -309,13 +301,13 @@ def test_text_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     mixed = write_text_corpus(tmp_path / "m.txt", 200, seed=1, real_text=real).read_text()
     assert 50 < sum(line.endswith("real line") for line in mixed.splitlines()) < 150
 
-    monkeypatch.setattr(synthetic.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.warns(UserWarning, match="bible-kjv"):
         out = write_text_corpus(tmp_path / "k.txt", 10, seed=1, real_text="kjv")
     assert out.read_bytes() == write_text_corpus(tmp_path / "t.txt", 10, seed=1).read_bytes()
 
 
-@pytest.mark.skipif(synthetic.shutil.which("bible") is None, reason="bible-kjv not installed")
+@pytest.mark.skipif(shutil.which("bible") is None, reason="bible-kjv not installed")
 def test_kjv_verses_from_the_bible_program() -> None:
     verses = kjv_verses()
     assert verses[0] == "In the beginning God created the heaven and the earth."
@@ -339,7 +331,7 @@ def test_arguments_are_checked() -> None:
 
 def test_photos_have_checkable_answers(tmp_path: Path) -> None:
     pytest.importorskip("skimage")
-    from mmdistill.data.photos import PHOTOS, load_photos
+    from photos import PHOTOS, load_photos
 
     photos = load_photos(image_size=48)
     assert [p.name for p in photos] == list(PHOTOS)

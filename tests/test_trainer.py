@@ -12,9 +12,9 @@ import torch
 
 import mmdistill
 from mmdistill.errors import CheckpointError, TrainingError
-from mmdistill.io import read_safetensors
+from mmdistill.files import read_safetensors
 from mmdistill.recipe import ScheduleSpec, load_recipe
-from mmdistill.stages import parameter_role
+from mmdistill.roles import parameter_role
 from mmdistill.trainer import Distiller, distill, latest_checkpoint, list_checkpoints, lr_multiplier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ def test_resume_is_bit_identical(tmp_path, data_cache):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     tmp_path, data_cache, monkeypatch
 ):
-    import mmdistill.stages as stages
+    import mmdistill.objective as stages
 
     calls = {"n": 0}
     real = stages.layer_mse

@@ -8,8 +8,14 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from .. import bench
+from ..bench import format_bytes, format_ms, human_count
 from ..errors import MmdistillError
+from ..model import load_student
+from ..seeding import seed as seed_fn
+from ..teachers import load_teacher
 from .options import DTYPE_HELP, check_dtype, resolve_device
+from .output import emit_json, err
 
 
 def bench_command(
@@ -77,12 +83,6 @@ def bench_command(
 ) -> None:
     """Time prefill and decode of a teacher and its students at each context length."""
     import torch
-
-    from .. import bench
-    from .. import seed as seed_fn
-    from ..checkpoint import load_student
-    from ..cli import emit_json, err
-    from ..teachers import load_teacher
 
     check_dtype(dtype)
     try:
@@ -187,8 +187,6 @@ def bench_command(
 
 def results_table(document: dict) -> Table:
     """Rich table of the rows, with each student's ratios against the growing-cache teacher."""
-    from ..bench import format_bytes, format_ms, human_count
-
     timer = "CUDA events" if document["device"]["type"] == "cuda" else "wall clock"
     table = Table(title=f"mmdistill bench on {document['device']['name']} ({timer})")
     for column in (

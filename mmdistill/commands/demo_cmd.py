@@ -7,6 +7,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..demo.pipeline import run_demo
+from .output import emit_json, err, stdout_to_stderr
+
 
 def demo_command(
     output_dir: Path = typer.Option(
@@ -19,10 +22,6 @@ def demo_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON document."),
 ) -> None:
     """Seed, distil (3 stages) and evaluate hybrid and linear students of the shapes teacher."""
-    from ..cli import emit_json, err
-    from ..demo.pipeline import run_demo
-    from .run_cmd import stdout_to_stderr
-
     with stdout_to_stderr():
         report = run_demo(output_dir, overrides or [], questions, console=err)
     table = Table(title=f"held-out shapes QA ({report['questions']} questions)")

@@ -14,7 +14,15 @@ import typer
 from rich.table import Table
 
 from ..errors import DataError
+from ..evaluation import (
+    evaluate_many,
+    lm_eval_available,
+    load_model,
+    run_lm_eval,
+    tokenizer_for,
+)
 from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
+from .output import emit_json, err
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -89,15 +97,6 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Perplexity, KL(teacher‖student), top-1 agreement and answer accuracy of a student."""
-    from ..cli import emit_json, err
-    from ..evaluation import (
-        evaluate_many,
-        lm_eval_available,
-        load_model,
-        run_lm_eval,
-        tokenizer_for,
-    )
-
     files = [*(data or []), *(more_data or [])]
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     if not files and not task_list:

@@ -16,7 +16,16 @@ import torch
 import typer
 
 from ..errors import DataError
+from ..evaluation import (
+    build_generation_prompt,
+    describe,
+    is_student_dir,
+    load_model,
+    load_tokenizer,
+)
+from ..generation import generate
 from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
+from .output import emit_json, err
 
 
 class _Streamer:
@@ -67,16 +76,6 @@ def generate_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document, no streaming."),
 ) -> None:
     """Generate an answer with a student or teacher, streaming it to stdout."""
-    from ..cli import emit_json, err
-    from ..evaluation import (
-        build_generation_prompt,
-        describe,
-        is_student_dir,
-        load_model,
-        load_tokenizer,
-    )
-    from ..generation import generate
-
     images = list(image or [])
     for path in images:
         if not path.is_file():

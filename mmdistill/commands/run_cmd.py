@@ -7,34 +7,19 @@ anything is loaded, naming the key (exit 2). ``run --json`` prints one JSON repo
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
+from ..recipe import load_recipe
+from ..trainer import distill
+from .output import emit_json, err, stdout_to_stderr
+
 RECIPE_HELP = "Recipe YAML (see recipes/ and docs/distillation.md)."
 OVERRIDES_HELP = (
     "Overrides as key=value with dotted paths, e.g. output_dir=runs/x stages.0.lr=1e-3."
 )
-
-
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Send everything written to stdout (Python or native code) to stderr for a while, so that
-    libraries that print (DeepSpeed does) cannot corrupt the ``--json`` document."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def run_command(
@@ -46,10 +31,6 @@ def run_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
 ) -> None:
     """Distil a teacher into a Mamba-2 / hybrid student with the recipe's stages."""
-    from ..cli import emit_json, err
-    from ..recipe import load_recipe
-    from ..trainer import distill
-
     loaded = load_recipe(recipe, overrides or [])
     with stdout_to_stderr():
         report = distill(loaded, resume=resume, console=err)
@@ -83,9 +64,6 @@ def validate_command(
     ),
 ) -> None:
     """Check a recipe without loading anything; missing data files are reported as warnings."""
-    from ..cli import emit_json, err
-    from ..recipe import load_recipe
-
     loaded = load_recipe(recipe, overrides or [])
     table = Table(title=f"{recipe}: valid", show_header=False)
     table.add_row("teacher", loaded.teacher)

@@ -9,6 +9,10 @@ import typer
 from rich.table import Table
 
 from ..errors import CheckpointError
+from ..seeding import count_parameters
+from ..seeding import seed as seed_fn
+from ..teachers import load_teacher
+from .output import emit_json, err
 
 
 def seed_command(
@@ -32,11 +36,6 @@ def seed_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
 ) -> None:
     """Build a Mamba-2 / hybrid student from a teacher's attention weights (mmMamba seeding)."""
-    from .. import load_teacher
-    from .. import seed as seed_fn
-    from ..cli import emit_json, err
-    from ..seeding import count_parameters
-
     if dtype not in ("float32", "bfloat16", "float16"):
         raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
     if out.exists() and any(out.iterdir()) and not force:

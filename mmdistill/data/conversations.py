@@ -12,10 +12,10 @@ placeholder gets one ``<image>\\n`` per image in front of its first user turn (I
 
 Rendering:
 
-* HoVLE-format teachers: :func:`~mmdistill.teachers.hovle_image.render_chat` with the teacher's
+* HoVLE-format teachers: :func:`~mmdistill.frontends.hovle_image.render_chat` with the teacher's
   template (``config.front_end["template"]``), images tiled by
-  :func:`~mmdistill.teachers.hovle.prepare_images` and each ``<image>`` expanded to its
-  image-token span by :func:`~mmdistill.teachers.hovle.expand_prompt`;
+  :func:`~mmdistill.frontends.hovle.prepare_images` and each ``<image>`` expanded to its
+  image-token span by :func:`~mmdistill.frontends.hovle.expand_prompt`;
 * Hugging Face teachers: the tokenizer's own chat template (text only).
 
 A missing or unreadable image is skipped and counted, or fatal, per ``on_bad_image``; either way
@@ -28,8 +28,8 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import DataError
-from ..teachers.hovle import expand_prompt, is_hovle, prepare_images
-from ..teachers.hovle_image import IMAGE_PLACEHOLDER, render_chat
+from ..frontends.hovle import expand_prompt, is_hovle, prepare_images
+from ..frontends.hovle_image import IMAGE_PLACEHOLDER, render_chat
 from .text import DataContext, LineFile, Sample
 
 ROLE_NAMES = {

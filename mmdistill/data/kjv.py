@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
+from ..files import atomic_write_text
 
 __all__ = [
     "BOOKS",
@@ -224,14 +225,12 @@ def write_kjv_split(
     parts = split_verses(read_verses(program), held_out_books)
     out.mkdir(parents=True, exist_ok=True)
     for name in SPLITS:
-        tmp = paths[name].with_suffix(".tmp")
-        tmp.write_text(verses_to_text(parts[name]), encoding="utf-8")
-        tmp.replace(paths[name])
+        atomic_write_text(paths[name], verses_to_text(parts[name]))
     manifest = {
         "source": f"bible {_FULL_RANGE} (Debian bible-kjv)",
         "held_out_books": list(held_out_books),
         "verses": {name: len(parts[name]) for name in SPLITS},
         "characters": {name: paths[name].stat().st_size for name in SPLITS},
     }
-    paths["manifest"].write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(paths["manifest"], json.dumps(manifest, indent=2) + "\n")
     return paths

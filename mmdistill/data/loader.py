@@ -34,7 +34,9 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..files import cache_root
 from .conversations import ConversationSource
+from .synthetic import build_demo_dataset
 from .text import DataContext, LineFile, Sample, TextSource
 
 
@@ -71,9 +73,6 @@ def shapes_dataset(spec, cache_dir: str | Path | None = None) -> dict[str, Path]
         spec: a :class:`~mmdistill.recipe.ShapesSpec`.
         cache_dir: parent directory (default: ``<mmdistill cache>/data``).
     """
-    from ..teachers.loading import cache_root
-    from .synthetic import build_demo_dataset
-
     params = spec.model_dump()
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "data"

@@ -31,10 +31,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
-import subprocess
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -44,6 +41,10 @@ from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..errors import DataError
+from ..files import atomic_write_bytes
+from .kjv import read_verses
 
 __all__ = [
     "BACKGROUND",
@@ -495,19 +496,6 @@ def majority_baseline_accuracy(
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -552,7 +540,7 @@ def write_multimodal_jsonl(
     lines = []
     for i, s in enumerate(samples):
         rel = f"images/{name}_{i:06d}.png"
-        _atomic_write_bytes(out / rel, _png_bytes(s.image))
+        atomic_write_bytes(out / rel, _png_bytes(s.image))
         conversations = []
         for j, (q, a) in enumerate(s.qa):
             prompt = f"{IMAGE_TOKEN}\n{q}" if j == 0 else q
@@ -573,7 +561,7 @@ def write_multimodal_jsonl(
         if index.isdigit() and int(index) >= len(samples):
             stale.unlink()
     path = out / f"{name}.jsonl"
-    _atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
     return path
 
 
@@ -581,42 +569,20 @@ def kjv_verses(source: str | Path = "bible") -> list[str]:
     """Verses of the King James Bible from the Debian ``bible`` program or a text file.
 
     Args:
-        source: ``"bible"`` runs ``bible Gen1:1-Rev22:21`` (Debian package ``bible-kjv``) and
-            parses its output (chapter headings dropped, wrapped verses joined); any other
-            value is a UTF-8 text file whose non-empty lines are returned as they are.
+        source: ``"bible"`` reads every verse through :func:`mmdistill.data.kjv.read_verses`;
+            any other value is a UTF-8 text file whose non-empty lines are returned as they are.
 
     Returns:
         One string per verse or line.
 
     Raises:
-        FileNotFoundError: if the program or the file is missing.
+        DataError: if the ``bible`` program is missing or fails.
+        FileNotFoundError: if the text file is missing.
     """
     if str(source) != "bible":
         text = Path(source).read_text(encoding="utf-8")
         return [line.strip() for line in text.splitlines() if line.strip()]
-    exe = shutil.which("bible")
-    if exe is None:
-        raise FileNotFoundError("the 'bible' program is missing (apt-get install bible-kjv)")
-    text = subprocess.run(
-        [exe, "Gen1:1-Rev22:21"], check=True, capture_output=True, text=True
-    ).stdout
-    verses: list[str] = []
-    current: list[str] | None = None
-    for line in text.splitlines():
-        start = re.match(r"^\s+\d+\s+(.*)$", line)
-        if start:
-            if current:
-                verses.append(" ".join(current))
-            current = [start.group(1).strip()]
-        elif not line.strip():  # a blank line ends a chapter's verses; a heading follows
-            if current:
-                verses.append(" ".join(current))
-            current = None
-        elif current is not None:
-            current.append(line.strip())
-    if current:
-        verses.append(" ".join(current))
-    return verses
+    return [verse.text for verse in read_verses()]
 
 
 def _template_line(rng: np.random.Generator, image_size: int) -> str:
@@ -678,7 +644,7 @@ def write_text_corpus(
     if real_text is not None:
         try:
             real = kjv_verses("bible" if str(real_text) == "kjv" else real_text)
-        except FileNotFoundError as err:
+        except DataError as err:
             if str(real_text) != "kjv":
                 raise
             warnings.warn(f"{err}; writing templated text only", stacklevel=2)
@@ -692,7 +658,7 @@ def write_text_corpus(
         else:
             lines.append(_template_line(rng, image_size))
     out = Path(path)
-    _atomic_write_bytes(out, "".join(line + "\n" for line in lines).encode())
+    atomic_write_bytes(out, "".join(line + "\n" for line in lines).encode())
     return out
 
 
@@ -769,5 +735,5 @@ def build_demo_dataset(
             majority_baseline_accuracy(train, held_out) if n_train and n_eval else None
         ),
     }
-    _atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
     return paths

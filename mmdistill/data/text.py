@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DataError
+from ..errors import CheckpointError, DataError
+from ..tokenizer import load_tokenizer
 
 
 @dataclass
@@ -63,9 +64,6 @@ class DataContext:
     def tokenizer(self):
         """The teacher's :class:`~mmdistill.tokenizer.Tokenizer` (raises DataError if none)."""
         if self._tokenizer is None:
-            from ..errors import CheckpointError
-            from ..tokenizer import load_tokenizer
-
             if not self.tokenizer_dir:
                 raise DataError("the teacher has no tokenizer directory; use pre-tokenised data")
             try:

@@ -19,13 +19,12 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_student
 from ..data.synthetic import ShapeSample, generate_samples
 from ..evaluation import tokenizer_for
-from ..model import DecoderLM
+from ..frontends.hovle import chat_prompt, prepare_images
+from ..model import DecoderLM, load_student
 from ..recipe import load_recipe
 from ..seeding import seed
-from ..teachers.hovle import chat_prompt, prepare_images
 from ..teachers.loading import load_teacher, resolve_source
 from ..tokenizer import Tokenizer
 from ..trainer import distill

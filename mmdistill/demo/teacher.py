@@ -1,7 +1,7 @@
 """The demo's embedded multimodal teacher: a small HoVLE-format model that knows its shapes.
 
 ``builtin:shapes-hovle`` is a genuine HoVLE-format directory (``config.json`` laid out as
-:func:`~mmdistill.teachers.hovle_fixture.write_tiny_hovle` writes it, HoVLE tensor names with the
+:func:`~mmdistill.teachers.tiny_hovle.write_tiny_hovle` writes it, HoVLE tensor names with the
 grouped ``wqkv``, an InternLM2-style sentencepiece tokenizer) holding a model of about 1.3M
 parameters trained from scratch on the procedural shape images of :mod:`mmdistill.data.synthetic`.
 It reads 56 px images as one tile: 4x4 patches of 14 px, pixel-shuffled into 4 image tokens, one
@@ -37,12 +37,9 @@ included. The question kinds the teacher is trained and evaluated on are :data:`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -68,11 +65,14 @@ from ..data.synthetic import (
     write_text_corpus,
 )
 from ..errors import TeacherError
+from ..files import sha256_file
+from ..frontends.hovle import chat_prompt, prepare_images
+from ..frontends.hovle_image import CHAT_TEMPLATES, IMG_CONTEXT_TOKEN, IMG_START_TOKEN
 from ..generation import generate
-from ..io import sha256_file
 from ..model import DecoderLM, LMConfig
-from ..teachers.hovle import HoVLEAdapter, chat_prompt, prepare_images
-from ..teachers.hovle_fixture import (
+from ..teachers.builtin import SHAPES_HOVLE_DIR
+from ..teachers.hovle import HoVLEAdapter
+from ..teachers.tiny_hovle import (
     TinyHoVLESizes,
     _hovle_config,
     _tokenizer_files,
@@ -80,14 +80,11 @@ from ..teachers.hovle_fixture import (
     pack_wqkv_grouped,
     train_sentencepiece,
 )
-from ..teachers.hovle_image import CHAT_TEMPLATES, IMG_CONTEXT_TOKEN, IMG_START_TOKEN
-from ..teachers.loading import register_builtin_teacher
 from ..tokenizer import SentencePieceTokenizer, Tokenizer
 
 __all__ = [
     "BUILTIN_NAME",
     "DEMO_KINDS",
-    "OVERRIDES_ENV",
     "ShapesTeacherConfig",
     "TrainedTeacher",
     "answer_questions",
@@ -103,11 +100,6 @@ __all__ = [
 ]
 
 BUILTIN_NAME = "shapes-hovle"
-OVERRIDES_ENV = "MMDISTILL_SHAPES_TEACHER"
-"""``key=value,...`` overrides of :class:`ShapesTeacherConfig` for ``builtin:shapes-hovle`` (tests
-build a reduced teacher with it, into a temporary ``MMDISTILL_CACHE``; never set it otherwise:
-the cache keys built-in teachers by name only)."""
-
 DEMO_KINDS: tuple[str, ...] = ("count", "colour_at", "size", "side", "colour_of_shape")
 """Question kinds the demo teacher is trained on and the demo evaluates. Left out, because a
 three-minute CPU build does not learn them (they stay near the question-only baseline): the
@@ -115,18 +107,9 @@ attribute-conditioned counts ``count_shape`` and ``count_colour``, ``exists`` (a
 conjunction) and ``shape_at`` (its "on the left"/"at the top" forms need uniqueness checks)."""
 
 RECORD_NAME = "shapes_teacher.json"
-SHIPPED_DIR = Path(__file__).with_name("shapes_hovle")
-"""Where the repository ships the teacher built by ``scripts/train_demo_teacher.py`` with the
+SHIPPED_DIR = SHAPES_HOVLE_DIR
+"""Where the repository ships the teacher built by ``scripts/build_demo_teacher.py`` with the
 default config (about 5 MB), so ``builtin:shapes-hovle`` needs no training."""
-_SHIPPED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    RECORD_NAME,
-)
 _SEP = "<|im_end|>"
 _TEMPLATE = "internlm2-chat"
 _ROWS = ("top", "bottom")
@@ -838,24 +821,6 @@ def shipped_teacher(cfg: ShapesTeacherConfig | None = None) -> Path | None:
     if record.get("weights_sha256") != sha256_file(SHIPPED_DIR / "model.safetensors"):
         return None
     return SHIPPED_DIR
-
-
-def _build_version() -> str:
-    """Cache key of the build: its config (defaults plus environment overrides)."""
-    cfg = config_with_overrides(os.environ.get(OVERRIDES_ENV, ""))
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-@register_builtin_teacher(BUILTIN_NAME, version=_build_version)
-def _shapes_hovle(directory: Path) -> None:
-    """The demo's shapes teacher: the shipped copy, else trained on first use (CPU minutes)."""
-    cfg = config_with_overrides(os.environ.get(OVERRIDES_ENV, ""))
-    shipped = shipped_teacher(cfg)
-    if shipped is None:
-        build_shapes_teacher(directory, cfg)
-        return
-    for name in _SHIPPED_FILES:
-        shutil.copy2(shipped / name, Path(directory) / name)
 
 
 # --------------------------------------------------------------------------------------------

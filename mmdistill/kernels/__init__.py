@@ -13,7 +13,7 @@ Implementations:
 
 * :mod:`.naive`   -- per-step recurrence, the reference for tests (float64-capable);
 * :mod:`.chunked` -- chunked pure-PyTorch SSD, the CPU path;
-* :mod:`.triton`  -- mamba-ssm's Triton kernels on CUDA.
+* :mod:`.ssd_mamba_ssm` -- mamba-ssm's Triton kernels on CUDA.
 
 ``backend`` is ``"auto"`` (Triton on CUDA tensors when mamba-ssm imports, else PyTorch),
 ``"torch"``, ``"triton"`` or ``"naive"``.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import chunked, naive
-from . import triton as triton_backend
+from . import ssd_mamba_ssm as triton_backend
 
 BACKENDS = ("auto", "torch", "triton", "naive")
 

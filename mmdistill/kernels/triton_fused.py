@@ -12,7 +12,7 @@ Kernels around mamba-ssm's SSD kernels, each replacing a chain of eager PyTorch 
   step per head (softplus of dt, decay, state update in place, ``y = S·C + D x``) fused with the
   per-head gated RMSNorm.
 
-All accumulate in float32. Pure-PyTorch equivalents live in :mod:`mmdistill.kernels.fused`; the
+All accumulate in float32. Pure-PyTorch equivalents live in :mod:`mmdistill.kernels.fused_reference`; the
 GPU tests compare the two.
 """
 

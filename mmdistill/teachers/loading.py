@@ -5,83 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..errors import TeacherError
-from ..io import read_safetensors, sha256_file, weight_files
-from ..model import DecoderLM, LMConfig
+from ..files import atomic_directory, cache_root, read_safetensors, sha256_file, weight_files
+from ..model import DecoderLM, build_from_state_dict, expected_shapes
 from .base import apply_rules, find_adapter
+from .builtin import builtin_teacher
 
 ALIASES = {"hovle": "OpenGVLab/HoVLE"}
-# ``builtin:NAME`` teachers are built locally (deterministically) on first use and cached.
-BUILTIN_TEACHERS: dict[str, tuple[Callable[[Path], None], str | Callable[[], str]]] = {}
-
-
-def register_builtin_teacher(name: str, version: str | Callable[[], str] = "1"):
-    """Decorator: ``fn(directory)`` writes the checkpoint of ``builtin:name`` into ``directory``.
-
-    ``version`` (a string, or a function computing one at build time) names the build: a cached
-    copy made by another version is rebuilt, so changing a builder's config never leaves users on
-    a stale teacher.
-    """
-
-    def wrap(fn: Callable[[Path], None]):
-        BUILTIN_TEACHERS[name] = (fn, version)
-        return fn
-
-    return wrap
-
-
-@register_builtin_teacher("tiny-hovle")
-def _tiny_hovle(directory: Path) -> None:
-    """A random-weight HoVLE-format model of a few hundred thousand parameters (smoke tests)."""
-    from .hovle_fixture import write_tiny_hovle
-
-    write_tiny_hovle(directory, seed=0)
-
-
-def builtin_teacher(name: str) -> Path:
-    from ..demo import teacher as _demo_teacher  # noqa: F401 - registers builtin:shapes-hovle
-
-    if name not in BUILTIN_TEACHERS:
-        raise TeacherError(
-            f"unknown built-in teacher builtin:{name}; known: "
-            + ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_TEACHERS))
-        )
-    build, version = BUILTIN_TEACHERS[name]
-    out = cache_root() / "builtin" / name
-    marker = out / ".complete"
-    stamp = f"{name}:{version() if callable(version) else version}"
-    if not marker.exists() or marker.read_text() != stamp:
-        from ..io import atomic_directory
-
-        with atomic_directory(out, overwrite=True) as tmp:
-            build(tmp)
-            (tmp / ".complete").write_text(stamp)
-    return out
-
-
-# Files copied next to a student so it tokenises and templates exactly like its teacher.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MMDISTILL_CACHE", Path.home() / ".cache" / "mmdistill"))
 
 
 def resolve_source(source: str) -> Path:
@@ -165,8 +99,6 @@ def gguf_to_folder(path: Path) -> Path:
         ) from exc
     except Exception as exc:
         raise TeacherError(f"cannot read GGUF file {path}: {exc}") from exc
-    from ..io import atomic_directory
-
     # The weights are already dequantised to float32, but transformers keeps the GGUF quantizer
     # attached and then refuses to save; the checkpoint we write is a plain float32 model.
     model.hf_quantizer = None
@@ -184,32 +116,6 @@ def read_config(directory: Path) -> dict:
         return json.loads((directory / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise TeacherError(f"{directory / 'config.json'} is not valid JSON: {exc}") from exc
-
-
-def expected_shapes(model: DecoderLM) -> dict[str, torch.Size]:
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    return shapes
-
-
-def build_from_state_dict(
-    config: LMConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None
-) -> DecoderLM:
-    """Instantiate on the meta device and assign ``tensors`` (no random-init cost or copy)."""
-    with torch.device("meta"):
-        model = DecoderLM(config)
-    if config.tie_word_embeddings:
-        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
-        tensors["lm_head.weight"] = tensors["front.embed_tokens.weight"]
-    if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    model.load_state_dict(tensors, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.front.token_embeddings().weight
-    for rotary in model.rotary:
-        rotary.inv_freq = rotary._inv_freq(rotary.config.rope_theta)
-    return model.eval()
 
 
 def load_teacher(

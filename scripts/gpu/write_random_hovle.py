@@ -1,7 +1,7 @@
 """Write a random-weight HoVLE-format teacher for multi-GPU checks (a few hundred MB).
 
 The checkpoint has HoVLE's layout and tokenizer conventions (see
-:func:`mmdistill.teachers.hovle_fixture.write_tiny_hovle`) at a size between the tiny fixture
+:func:`mmdistill.teachers.tiny_hovle.write_tiny_hovle`) at a size between the tiny fixture
 and HoVLE-2.6B: width 1024, 8 heads / 4 KV heads of 128, MLP 4096, 4 embedding-module layers and
 8 LLM layers, 448-pixel tiles of 256 image tokens; about 190M parameters, stored in bfloat16.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mmdistill.teachers.hovle_fixture import write_tiny_hovle
+from mmdistill.teachers.tiny_hovle import write_tiny_hovle
 
 SMALL = dict(
     hidden_size=1024,

@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from mmdistill.teachers.hovle_image import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from mmdistill.teachers.hovle_vision import num_image_tokens
+from mmdistill.frontends.hovle_image import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from mmdistill.frontends.hovle_vision import num_image_tokens
 
 __all__ = [
     "TINY_SPECIAL_TOKENS",

@@ -1,6 +1,7 @@
-"""Weight files: reading safetensors (single file or sharded index), hashing, and writing
-checkpoint directories atomically (temporary name, then rename) so a crash never leaves a
-half-written directory that looks complete."""
+"""Files on disk: reading safetensors (single file or sharded index), hashing, the cache root,
+and writing files and checkpoint directories atomically (temporary name, then rename) so a crash
+never leaves a half-written result that looks complete. Every atomic write of the package goes
+through :func:`atomic_write_bytes`, :func:`atomic_write_text` or :func:`atomic_directory`."""
 
 from __future__ import annotations
 
@@ -21,6 +22,26 @@ from .errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
+# Files copied next to a student so it tokenises and templates exactly like its teacher.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+def cache_root() -> Path:
+    """Where built-in teachers, dequantised GGUF files and generated data are cached
+    (``$MMDISTILL_CACHE``, default ``~/.cache/mmdistill``)."""
+    return Path(os.environ.get("MMDISTILL_CACHE", Path.home() / ".cache" / "mmdistill"))
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -103,6 +124,33 @@ def save_sharded(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     )
     return names
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place.
+
+    Raises:
+        CheckpointError: the disk is full (``path`` is left as it was).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise CheckpointError(f"disk full while writing {path}; it was not replaced") from exc
+        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextmanager

@@ -1,18 +1,5 @@
-"""Stage semantics (GUIDE §1): which parameters train, and what each stage's loss is.
-
-Parameter roles (:func:`parameter_role`) name the groups a recipe can train:
-
-=============  ==============================================================================
-``ssm``        new Mamba-2 parameters: mixer ``z_proj, dt_proj, dt_bias, A_log, conv1d,
-               norm_weight, D``
-``qkv``        inherited Q/K/V of the mixers: ``c_proj, b_proj, x_proj``
-``out_proj``   mixer ``out_proj`` (from W_O)
-``attention``  q/k/v/o of the layers that keep attention (hybrid students)
-``mlp``        the MLPs
-``norms``      every RMSNorm (per layer and final)
-``embeddings`` text embedding tables (``front.``) and the LM head
-``vision``     the vision front-end (``front.vision_embeddings``, ``front.pixel_shuffle_proj``)
-=============  ==============================================================================
+"""What a distillation stage optimises: the layer-wise MSE and end-to-end KL/CE losses, the
+teacher's side of a step and the student's (:class:`TeacherForward`, :class:`DistillObjective`).
 
 Losses (:class:`DistillObjective`):
 
@@ -36,63 +23,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .model import DecoderLM
-
-SSM_PARAMS = ("z_proj", "dt_proj", "dt_bias", "A_log", "conv1d", "norm_weight", "D")
-QKV_PARAMS = ("c_proj", "b_proj", "x_proj")
-ATTENTION_PARAMS = ("q_proj", "k_proj", "v_proj", "o_proj")
-VISION_MODULES = ("vision_embeddings", "pixel_shuffle_proj")
-EMBEDDING_MODULES = ("llm_text_embeddings", "special_text_embeddings", "embed_tokens")
-
-
-def parameter_role(name: str) -> str:
-    """The role of a :class:`~mmdistill.model.DecoderLM` parameter (see module docstring).
-
-    Raises:
-        ValueError: for a parameter no role claims (so a new module cannot train or freeze
-            silently).
-    """
-    parts = name.split(".")
-    head = parts[0]
-    if head == "front" and len(parts) > 1:
-        if parts[1] in VISION_MODULES:
-            return "vision"
-        if parts[1] in EMBEDDING_MODULES:
-            return "embeddings"
-    elif head == "lm_head":
-        return "embeddings"
-    elif head == "norm":
-        return "norms"
-    elif head == "layers" and len(parts) > 3:
-        sub, leaf = parts[2], parts[3]
-        if sub in ("input_norm", "post_norm"):
-            return "norms"
-        if sub == "mlp":
-            return "mlp"
-        if sub == "mixer":
-            if leaf in SSM_PARAMS:
-                return "ssm"
-            if leaf in QKV_PARAMS:
-                return "qkv"
-            if leaf == "out_proj":
-                return "out_proj"
-            if leaf in ATTENTION_PARAMS:
-                return "attention"
-    raise ValueError(f"parameter {name!r} has no role; extend mmdistill.stages.parameter_role")
-
-
-def set_trainable(model: DecoderLM, roles: list[str]) -> dict[str, int]:
-    """Unfreeze exactly the parameters whose role is in ``roles``; freeze the rest.
-
-    Returns:
-        Number of trainable elements per role in ``roles`` (0 for a role this model lacks).
-    """
-    counts = dict.fromkeys(roles, 0)
-    for name, param in model.named_parameters():
-        role = parameter_role(name)
-        param.requires_grad_(role in counts)
-        if role in counts:
-            counts[role] += param.numel()
-    return counts
 
 
 def layer_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

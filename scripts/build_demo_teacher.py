@@ -5,9 +5,9 @@ back through ``mmdistill.load_teacher`` (the HoVLE path) and reports its held-ou
 (greedy, one question at a time, per question kind) next to the question-only majority baseline;
 the results are added to the directory's ``shapes_teacher.json``::
 
-    python scripts/train_demo_teacher.py --out runs/shapes-hovle --threads 2
-    python scripts/train_demo_teacher.py --out mmdistill/demo/shapes_hovle --threads 2  # shipped
-    python scripts/train_demo_teacher.py --out /tmp/t --set steps=50 --json
+    python scripts/build_demo_teacher.py --out runs/shapes-hovle --threads 2
+    python scripts/build_demo_teacher.py --out mmdistill/assets/shapes_hovle --threads 2  # shipped
+    python scripts/build_demo_teacher.py --out /tmp/t --set steps=50 --json
 
 ``--set key=value`` overrides a :class:`~mmdistill.demo.teacher.ShapesTeacherConfig` field
 (comma-separated pairs also work; lists such as ``kinds`` use ``|``).
