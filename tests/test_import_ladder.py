@@ -55,7 +55,9 @@ def _target(node: ast.ImportFrom | ast.Import, name: str, package: Path) -> list
     for alias in node.names:
         candidate = "/".join([*base, alias.name])
         if (package / f"{candidate}.py").exists() or (package / candidate).is_dir():
-            found.append(candidate if (package / f"{candidate}.py").exists() else f"{candidate}/__init__")
+            found.append(
+                candidate if (package / f"{candidate}.py").exists() else f"{candidate}/__init__"
+            )
         elif base:
             stem = "/".join(base)
             found.append(stem if (package / f"{stem}.py").exists() else f"{stem}/__init__")
@@ -150,7 +152,9 @@ def test_a_planted_upward_import_is_reported(tmp_path):
         seeding.read_text() + "\n\ndef planted():\n    from .model import DecoderLM\n"
     )
     problems = ladder_violations(copy, TABLE)
-    assert any(p.startswith("mixer.py:") and "imports trainer, a higher layer" in p for p in problems)
+    assert any(
+        p.startswith("mixer.py:") and "imports trainer, a higher layer" in p for p in problems
+    )
     assert any("seeding.py:" in p and "inside a function" in p for p in problems)
     assert any(p.startswith("import cycle:") for p in problems)
 
