@@ -30,6 +30,7 @@ from mmdistill.bench import random_model
 from mmdistill.graph_decode import GraphDecoder
 from mmdistill.model import LMCache
 from mmdistill.seeding import seed
+from mmdistill.timing import mean_ms
 
 
 def copy_bandwidth(gib: float = 2.0) -> float:
@@ -37,25 +38,8 @@ def copy_bandwidth(gib: float = 2.0) -> float:
     n = int(gib * 2**30) // 2
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
+    times = [mean_ms(lambda: dst.copy_(src), "cuda") for _ in range(12)]
     return 2 * src.numel() * src.element_size() / (statistics.median(times[2:]) / 1e3)
-
-
-def events_ms(fn, reps: int) -> float:
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    stop.record()
-    stop.synchronize()
-    return start.elapsed_time(stop) / reps
 
 
 def eager_decode(student, ids: torch.Tensor, doc: dict) -> None:
@@ -73,7 +57,7 @@ def eager_decode(student, ids: torch.Tensor, doc: dict) -> None:
 
     for _ in range(3):
         eager_step()
-    doc["eager_ms"] = events_ms(eager_step, 20)
+    doc["eager_ms"] = mean_ms(eager_step, "cuda", 20)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         eager_step()
         torch.cuda.synchronize()
@@ -126,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             decoder.tokens.copy_(first.argmax(-1))
             decoder.replay()
             key = "graph_compiled" if compiled else "graph"
-            doc[f"{key}_ms"] = events_ms(decoder.replay, args.steps)
+            doc[f"{key}_ms"] = mean_ms(decoder.replay, "cuda", args.steps)
             doc[f"{key}_setup_s"] = setup_s
             save(doc, args.json)
             del decoder

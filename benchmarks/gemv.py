@@ -24,13 +24,19 @@ import torch
 import triton
 import triton.language as tl
 
+from mmdistill.shapes import HOVLE_2_6B
+from mmdistill.timing import mean_ms
+
+_H, _M = HOVLE_2_6B.hidden_size, HOVLE_2_6B.intermediate_size
+_Q = HOVLE_2_6B.num_heads * HOVLE_2_6B.head_dim
+_KV = HOVLE_2_6B.num_kv_heads * HOVLE_2_6B.head_dim
 SHAPES = {  # name: (out, in)
-    "mlp gate or up": (8192, 2048),
-    "mlp gate+up packed": (16384, 2048),
-    "mlp down": (2048, 8192),
-    "mixer in-proj (packed)": (6160, 2048),
-    "mixer out-proj": (2048, 2048),
-    "lm head": (92553, 2048),
+    "mlp gate or up": (_M, _H),
+    "mlp gate+up packed": (2 * _M, _H),
+    "mlp down": (_H, _M),
+    "mixer in-proj (packed)": (_Q + 2 * _KV + _Q + HOVLE_2_6B.num_heads, _H),  # z, x, B, C, dt
+    "mixer out-proj": (_H, _Q),
+    "lm head": (HOVLE_2_6B.vocab_size, _H),
 }
 
 
@@ -79,13 +85,7 @@ def graph_time_us(fn, weights, x, reps: int = 5) -> float:
         for w in weights:
             fn(w, x)
     graph.replay()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    stop.record()
-    stop.synchronize()
-    return start.elapsed_time(stop) * 1e3 / (reps * len(weights))
+    return mean_ms(graph.replay, "cuda", reps) * 1e3 / len(weights)
 
 
 def main() -> None:

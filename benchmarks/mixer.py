@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -40,30 +39,16 @@ from mmdistill.bench import human_count, parse_counts
 from mmdistill.decoder import Attention, AttnContext, KVState, Rotary, StackConfig
 from mmdistill.kernels import resolve_backend
 from mmdistill.mixer import CHUNK_DEFAULTS, Mamba2Mixer, MixerConfig, MixerState
+from mmdistill.shapes import HOVLE_2_6B
+from mmdistill.timing import median_ms
 
-GPU_SHAPE = dict(hidden=2048, heads=16, kv_heads=8, head_dim=128)
+GPU_SHAPE = dict(
+    hidden=HOVLE_2_6B.hidden_size,
+    heads=HOVLE_2_6B.num_heads,
+    kv_heads=HOVLE_2_6B.num_kv_heads,
+    head_dim=HOVLE_2_6B.head_dim,
+)
 CPU_SHAPE = dict(hidden=256, heads=4, kv_heads=2, head_dim=64)
-
-
-def timed(fn: Callable[[], object], device: torch.device, budget_ms: float = 400.0) -> float:
-    """Median milliseconds of ``fn()`` after warm-up; repetitions fit ``budget_ms``."""
-    cuda = device.type == "cuda"
-
-    def once() -> float:
-        if cuda:
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            return start.elapsed_time(stop)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-    first = min(once(), once())
-    reps = int(max(3, min(50, budget_ms / max(first, 1e-3))))
-    return statistics.median(once() for _ in range(reps))
 
 
 def build(shape: dict, device: torch.device, dtype: torch.dtype, chunk_size: int):
@@ -131,7 +116,7 @@ def decode_times(mixer, attn, rotary, length, device, dtype, steps: int = 20) ->
     with torch.no_grad():
         state = MixerState.zeros(mixer.config, 1, device, dtype)
         mixer(u, state=state)
-        out["mixer_decode_ms"] = timed(lambda: mixer(one, state=state), device, 200)
+        out["mixer_decode_ms"] = median_ms(lambda: mixer(one, state=state), device, 200)
         if device.type == "cuda":
             static = one.clone()
             side = torch.cuda.Stream()
@@ -143,7 +128,7 @@ def decode_times(mixer, attn, rotary, length, device, dtype, steps: int = 20) ->
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 mixer(static, state=state)
-            out["mixer_decode_graph_ms"] = timed(graph.replay, device, 200)
+            out["mixer_decode_graph_ms"] = median_ms(graph.replay, device, 200)
             del graph
         for kind in ("static", "growing"):
             capacity = length + 4 * steps + 200
@@ -160,7 +145,7 @@ def decode_times(mixer, attn, rotary, length, device, dtype, steps: int = 20) ->
                     kv.length = length  # rewind: same cost per step
                 attn(one, ctx, kv)
 
-            out[f"attn_decode_{kind}_ms"] = timed(step, device, 200)
+            out[f"attn_decode_{kind}_ms"] = median_ms(step, device, 200)
             del kv
     return out
 
@@ -172,7 +157,7 @@ def bare_sdpa(length, shape, device, dtype) -> float:
     k = torch.randn(1, g, length, p, device=device, dtype=dtype)
     v = torch.randn(1, g, length, p, device=device, dtype=dtype)
     with torch.no_grad():
-        return timed(
+        return median_ms(
             lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
             device,
         )
@@ -193,7 +178,7 @@ def bare_ssd(length, shape, device, dtype, chunk_sizes) -> dict:
     A = -torch.rand(h, device=device) - 0.5
     with torch.no_grad():
         for cs in chunk_sizes:
-            out[f"ssd_kernel_cs{cs}_ms"] = timed(
+            out[f"ssd_kernel_cs{cs}_ms"] = median_ms(
                 lambda cs=cs: chunk_scan(x, dt, A, B, C, cs), device
             )
     return out
@@ -250,16 +235,16 @@ def measure_length(mixer, attn, rotary, length, shape, device, dtype, args) -> d
     ctx = context(rotary, 0, length, device, dtype)
     row = {"length": length}
     with torch.no_grad():
-        row["attn_fwd_ms"] = timed(lambda: attn(u, ctx), device)
-        row["mixer_fwd_ms"] = timed(lambda: mixer(u), device)
+        row["attn_fwd_ms"] = median_ms(lambda: attn(u, ctx), device)
+        row["mixer_fwd_ms"] = median_ms(lambda: mixer(u), device)
     if not cpu:
         mixer.use_fused_kernels = False
         with torch.no_grad():
-            row["mixer_unfused_fwd_ms"] = timed(lambda: mixer(u), device)
+            row["mixer_unfused_fwd_ms"] = median_ms(lambda: mixer(u), device)
         mixer.use_fused_kernels = True
     attn_fb = fwd_bwd(lambda x: attn(x, ctx), u, grad)
-    row["attn_fwd_bwd_ms"] = timed(attn_fb, device)
-    row["mixer_fwd_bwd_ms"] = timed(fwd_bwd(mixer, u, grad), device)
+    row["attn_fwd_bwd_ms"] = median_ms(attn_fb, device)
+    row["mixer_fwd_bwd_ms"] = median_ms(fwd_bwd(mixer, u, grad), device)
     row["attn_fwd_bwd_peak_bytes"] = peak_of(attn_fb, device)
     row["mixer_fwd_bwd_peak_bytes"] = peak_of(fwd_bwd(mixer, u, grad), device)
     attn.zero_grad(set_to_none=True)
@@ -268,7 +253,7 @@ def measure_length(mixer, attn, rotary, length, shape, device, dtype, args) -> d
         row["sdpa_ms"] = bare_sdpa(length, shape, device, dtype)
         chunk_sizes = [int(c) for c in args.chunk_sizes.split(",")]
         row.update(bare_ssd(length, shape, device, dtype, chunk_sizes))
-        row["mixer_ssd_step_ms"] = timed(mixer_ssd_step(mixer, u), device)
+        row["mixer_ssd_step_ms"] = median_ms(mixer_ssd_step(mixer, u), device)
         row["ssd_kernel_ms"] = row[f"ssd_kernel_cs{args.chunk_size}_ms"]
     row.update(decode_times(mixer, attn, rotary, length, device, dtype))
     return row

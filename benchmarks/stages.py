@@ -25,83 +25,28 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 
 import mmdistill
-from mmdistill.decoder import StackConfig
-from mmdistill.frontends.hovle_vision import HoVLEVisionConfig
-from mmdistill.model import DecoderLM, LMConfig
+from mmdistill.model import DecoderLM
 from mmdistill.objective import DistillObjective, TeacherForward
 from mmdistill.recipe import LossSpec
 from mmdistill.roles import set_trainable
+from mmdistill.shapes import HOVLE_2_6B, ModelShape, hovle_config
 
-HOVLE_2_6B = dict(
-    hidden=2048,
-    heads=16,
-    kv_heads=8,
-    head_dim=128,
-    mlp=8192,
-    emb_layers=8,
-    llm_layers=24,
-    vocab=92553,
+SMALL = ModelShape(
+    name="small",
+    hidden_size=64,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    embedding_layers=1,
+    llm_layers=2,
+    vocab_size=384,
 )
-SMALL = dict(
-    hidden=64, heads=4, kv_heads=2, head_dim=16, mlp=128, emb_layers=1, llm_layers=2, vocab=384
-)
-
-
-def hovle_config(
-    hidden: int,
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    mlp: int,
-    emb_layers: int,
-    llm_layers: int,
-    vocab: int,
-) -> LMConfig:
-    """A HoVLE-format model config (holistic-embedding front-end, two InternLM2 stacks)."""
-
-    def stack(name: str, layers: int, scaling: dict | None) -> StackConfig:
-        return StackConfig(
-            name=name,
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            intermediate_size=mlp,
-            rms_norm_eps=1e-5,
-            rope_theta=1e6,
-            rope_scaling=scaling,
-            max_position_embeddings=32768,
-        )
-
-    vision = HoVLEVisionConfig(
-        hidden_size=hidden,
-        llm_vocab_size=vocab,
-        image_size=448,
-        patch_size=14,
-        downsample_ratio=0.5,
-        img_context_token_id=vocab - 7,
-    )
-    return LMConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        stacks=[
-            stack("embedding", emb_layers, None),
-            stack("llm", llm_layers, {"type": "dynamic", "factor": 2.0}),
-        ],
-        front_end={
-            "type": "hovle",
-            "vision": asdict(vision),
-            "num_image_token": vision.num_image_token,
-            "force_image_size": 448,
-            "template": "internlm2-chat",
-            "downsample_ratio": 0.5,
-        },
-    )
+LLM_ROPE_SCALING = {"type": "dynamic", "factor": 2.0}
 
 
 def sync(device: torch.device) -> None:
@@ -188,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    config = hovle_config(**(SMALL if args.small else HOVLE_2_6B))
+    config = hovle_config(SMALL if args.small else HOVLE_2_6B, LLM_ROPE_SCALING)
     with torch.device(device):
         teacher = DecoderLM(config).to(torch.bfloat16).eval()
     teacher.requires_grad_(False)

@@ -29,78 +29,19 @@ from __future__ import annotations
 
 import datetime
 import gc
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .decoder import StackConfig
 from .generation import prefill
 from .graph_decode import GraphDecoder
-from .model import DecoderLM, LMCache, LMConfig
+from .model import DecoderLM, LMCache
+from .shapes import SHAPES, text_config
+from .timing import Timer
 
 SCHEMA = "mmdistill.bench/1"
-
-# Random-weight teachers of published shapes, built directly on the device.
-RANDOM_SHAPES: dict[str, Callable[[], LMConfig]] = {}
-
-
-def register_random_shape(name: str):
-    """Decorator: ``fn()`` returns the :class:`~mmdistill.model.LMConfig` of shape ``name``."""
-
-    def wrap(fn: Callable[[], LMConfig]):
-        RANDOM_SHAPES[name] = fn
-        return fn
-
-    return wrap
-
-
-@register_random_shape("hovle-2.6b")
-def _hovle_2_6b() -> LMConfig:
-    """HoVLE-2.6B's decoder (GUIDE §2): 8 embedding-module + 24 LLM InternLM2 layers, hidden
-    2048, 16 heads, 8 KV heads, head_dim 128, intermediate 8192, vocab 92553. Text front-end
-    (the vision tower only changes which embeddings enter the first layer)."""
-
-    def stack(name: str, layers: int) -> StackConfig:
-        return StackConfig(
-            num_layers=layers,
-            num_heads=16,
-            num_kv_heads=8,
-            head_dim=128,
-            intermediate_size=8192,
-            rms_norm_eps=1e-5,
-            rope_theta=1e6,
-            max_position_embeddings=32768,
-            name=name,
-        )
-
-    return LMConfig(
-        vocab_size=92553,
-        hidden_size=2048,
-        stacks=[stack("embedding", 8), stack("llm", 24)],
-        teacher={"source": "random:hovle-2.6b"},
-    )
-
-
-@register_random_shape("tiny")
-def _tiny() -> LMConfig:
-    """A few-layer model for smoke tests (two stacks, GQA)."""
-    stacks = [
-        StackConfig(
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=32,
-            intermediate_size=128,
-            name=name,
-        )
-        for name in ("embedding", "llm")
-    ]
-    return LMConfig(
-        vocab_size=256, hidden_size=64, stacks=stacks, teacher={"source": "random:tiny"}
-    )
 
 
 def random_model(
@@ -111,11 +52,9 @@ def random_model(
     Raises:
         ValueError: for an unknown shape (naming the known ones).
     """
-    if shape not in RANDOM_SHAPES:
-        raise ValueError(
-            f"unknown random shape {shape!r}; known: {', '.join(sorted(RANDOM_SHAPES))}"
-        )
-    config = RANDOM_SHAPES[shape]()
+    if shape not in SHAPES:
+        raise ValueError(f"unknown random shape {shape!r}; known: {', '.join(sorted(SHAPES))}")
+    config = text_config(SHAPES[shape])
     device = torch.device(device)
     devices = [device] if device.type == "cuda" else []
     previous = torch.get_default_dtype()
@@ -218,29 +157,6 @@ def parse_counts(text: str) -> list[int]:
     return [parse_count(part) for part in text.split(",") if part.strip()]
 
 
-class _Timer:
-    """CUDA events on CUDA, the wall clock elsewhere."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self._start = torch.cuda.Event(enable_timing=True)
-            self._stop = torch.cuda.Event(enable_timing=True)
-
-    def start(self) -> None:
-        if self.cuda:
-            self._start.record()
-        else:
-            self._t0 = time.perf_counter()
-
-    def stop_ms(self) -> float:
-        if self.cuda:
-            self._stop.record()
-            self._stop.synchronize()
-            return self._start.elapsed_time(self._stop)
-        return (time.perf_counter() - self._t0) * 1e3
-
-
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
@@ -294,7 +210,7 @@ def measure(
     generator = torch.Generator().manual_seed(settings.seed + length)
     ids = torch.randint(0, model.config.vocab_size, (rows, length), generator=generator)
     ids = ids.to(device)
-    timer = _Timer(device)
+    timer = Timer(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     chunk = candidate.prefill_chunk

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from mmdistill import bench
 from mmdistill.cli import app
 from mmdistill.seeding import seed
+from mmdistill.shapes import HOVLE_2_6B, text_config
 
 ROW_KEYS = {
     "model",
@@ -114,7 +115,7 @@ def test_graph_rows_of_attention_models_need_a_static_cache(candidates):
 
 
 def test_random_model_shapes():
-    config = bench.RANDOM_SHAPES["hovle-2.6b"]()
+    config = text_config(HOVLE_2_6B)
     assert config.num_layers == 32 and config.vocab_size == 92553
     assert {(s.num_heads, s.num_kv_heads, s.head_dim) for s in config.stacks} == {(16, 8, 128)}
     with pytest.raises(ValueError, match="hovle-2.6b"):
