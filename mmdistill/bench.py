@@ -58,7 +58,7 @@ def register_random_shape(name: str):
 
 @register_random_shape("hovle-2.6b")
 def _hovle_2_6b() -> LMConfig:
-    """HoVLE-2.6B's decoder (GUIDE §2): 8 embedding-module + 24 LLM InternLM2 layers, hidden
+    """HoVLE-2.6B's decoder (docs/hovle_format.md): 8 embedding + 24 LLM InternLM2 layers, hidden
     2048, 16 heads, 8 KV heads, head_dim 128, intermediate 8192, vocab 92553. Text front-end
     (the vision tower only changes which embeddings enter the first layer)."""
 

@@ -1,4 +1,4 @@
-"""Stage semantics (GUIDE §1): which parameters train, and what each stage's loss is.
+"""Stage semantics (docs/method.md): which parameters train, and what each stage's loss is.
 
 Parameter roles (:func:`parameter_role`) name the groups a recipe can train:
 
