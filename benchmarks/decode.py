@@ -8,7 +8,7 @@ Builds a random teacher of a registered shape on the GPU (default HoVLE-2.6B), s
 * ``torch.compile``'d, then replayed from a CUDA graph (compile time reported).
 
 The bound is the time to read every weight once at the measured memory bandwidth (a large
-device-to-device copy, bytes read plus written, as in GUIDE §3). A profile of one eager step
+device-to-device copy, bytes read plus written; docs/benchmarks.md). A profile of one eager step
 lists the kernels it launches and their total GPU time, which is what a graph can approach.
 
 Usage::

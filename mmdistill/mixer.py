@@ -1,4 +1,4 @@
-"""The seeded Mamba-2 mixer: the module that replaces one attention module (GUIDE §1).
+"""The seeded Mamba-2 mixer: the module that replaces one attention module (docs/method.md).
 
 Layout, per token (``h`` heads, ``g`` KV heads, head dim ``p``, state size ``n``)::
 
@@ -236,7 +236,7 @@ class Mamba2Mixer(nn.Module):
 
     @torch.no_grad()
     def reset_new_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Initialise the parameters attention does not have, as mmMamba does (GUIDE §1)."""
+        """Initialise the parameters attention does not have, as mmMamba does (docs/method.md)."""
         c = self.config
         self.conv1d.weight.zero_()
         self.conv1d.weight[:, 0, -1] = 1.0  # identity: the conv passes its input through

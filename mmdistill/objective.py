@@ -1,5 +1,6 @@
 """What a distillation stage optimises: the layer-wise MSE and end-to-end KL/CE losses, the
 teacher's side of a step and the student's (:class:`TeacherForward`, :class:`DistillObjective`).
+Why each stage has these losses: docs/method.md.
 
 Losses (:class:`DistillObjective`):
 

@@ -1,4 +1,4 @@
-"""Seeding (mmMamba, GUIDE §1): build a student from a teacher by replacing attention modules
+"""Seeding (mmMamba; docs/method.md): build a student from a teacher by replacing attention modules
 with Mamba-2 mixers initialised from the attention weights.
 
 Per converted layer: ``C ← W_Q``, ``B ← W_K``, ``x ← W_V`` (with biases), ``out_proj ← W_O``;

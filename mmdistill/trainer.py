@@ -21,7 +21,7 @@ reads child weights directly, which ZeRO-3 gathers on access, while with ``set_z
 the backward pass failed (DeepSpeed 0.19.8). Between stages the full float32 weights are gathered
 and the student is rebuilt, so each stage starts from a plain module.
 
-Checkpoints (GUIDE §6) go to ``output_dir/checkpoints/ckpt-SS-NNNNNNNN-NAME``: written under a
+Checkpoints (docs/distillation.md): ``output_dir/checkpoints/ckpt-SS-NNNNNNNN-NAME``, written to a
 temporary name by all processes, renamed by process 0 after a barrier, then ``latest`` (a text
 file naming the directory) is replaced atomically and all but the newest ``checkpoint.keep`` are
 deleted. A checkpoint holds the student (``model.safetensors`` + ``config.json``), the optimiser and

@@ -1,8 +1,9 @@
 """Redraw ``docs/bench_sweep_h100.png`` from the H100 results in ``docs/results``.
 
-The batch-1 sweep came from two calls: the linear student's rows from ``run8`` (no attention,
-so cuDNN's cached-attention cost never touched them), the teacher's and the hybrid's, each with a
-growing KV cache, a static one and a static one replayed from a CUDA graph, from ``run13``. This
+The batch-1 sweep came from two runs (docs/results/MANIFEST.md): the linear student's rows from
+the 1643Z sweep (no attention, so cuDNN's cached-attention cost never touched them), the
+teacher's and the hybrid's, each with a growing KV cache, a static one and a static one replayed
+from a CUDA graph, from the 1753Z sweep. This
 joins those rows into one bench document and plots it with :func:`mmdistill.bench.plot`.
 Usage: ``python scripts/plot_h100_sweep.py``
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 from mmdistill import bench
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+GRAPH_SWEEP = "bench-sweep_teacher-hybrid_h100_2026-11-22T1753Z.json"
+LINEAR_SWEEP = "bench-sweep_teacher-linear-hybrid_h100_2026-11-22T1643Z.json"
 LABELS = {
     "seeded:none": "linear (none, graph)",
     "seeded:every:4": "hybrid (every:4)",
@@ -30,12 +33,12 @@ def rows(name: str, keep) -> tuple[list[dict], list[dict]]:
 
 
 def main() -> None:
-    document = json.loads((RESULTS / "run13_sweep.json").read_text())
+    document = json.loads((RESULTS / GRAPH_SWEEP).read_text())
     document["models"], document["results"] = [], []
     for name, keep in (
-        ("run13_sweep.json", lambda m: m.startswith("teacher")),
-        ("run8_sweep.json", lambda m: m == "seeded:none"),
-        ("run13_sweep.json", lambda m: m.startswith("seeded:every:4")),
+        (GRAPH_SWEEP, lambda m: m.startswith("teacher")),
+        (LINEAR_SWEEP, lambda m: m == "seeded:none"),
+        (GRAPH_SWEEP, lambda m: m.startswith("seeded:every:4")),
     ):
         models, results = rows(name, keep)
         document["models"] += models

@@ -93,7 +93,7 @@ def test_export_has_hovle_names_shapes_and_config(tiny, tmp_path):
 
 
 def test_grouped_wqkv_layout(tiny):
-    """Rows of ``wqkv`` are [kv head][its q heads, k, v][head_dim] (GUIDE §2)."""
+    """Rows of ``wqkv`` are [kv head][its q heads, k, v][head_dim] (docs/hovle_format.md)."""
     model = tiny.model
     attention = model.layers[0].mixer
     d, kv = attention.head_dim, attention.num_kv_heads

@@ -1,5 +1,5 @@
 """HoVLE teacher: the native model against a direct re-implementation of the HoVLE format
-written from the raw checkpoint tensors (GUIDE §2), plus seeding and generation with images."""
+written from the raw tensors (docs/hovle_format.md), plus seeding and generation with images."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Adapters for Hugging Face decoder-only LMs: Llama (incl. SmolLM2), Mistral, Qwen2, and
-InternLM2 (fused ``wqkv`` grouped per KV head, GUIDE §2). All read ``config.json`` as a plain
+InternLM2 (``wqkv`` grouped per KV head, docs/hovle_format.md). All read ``config.json`` as a plain
 dict, so remote-code models need no ``trust_remote_code``."""
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Source from the repository root on a GPU machine: installs the carried wheels (.whl, built
-# here by ../shared/device/prepare-wheels.sh) into /tmp/site and sets the environment.
+# here by ../shared/device/prepare-wheels.sh) into /tmp/site and sets the environment
+# (PYTHONPATH, OUT default ./gpu-out); prints the date, the GPU, torch and triton. No arguments:
+#   source scripts/gpu/env.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -6,6 +6,8 @@
 # wait in /tmp/smol; this script does nothing until both halves are there. mamba-ssm's kernels
 # run with MAMBA_DETERMINISTIC=1: one launch config each instead of a first-use autotune over
 # ~200 (minutes per kernel and shape), at some cost in speed.
+# Usage: bash scripts/gpu/smollm2.sh [extra smollm2_kjv.py args...]   (run it in both calls)
+# Writes $OUT/smollm2.log, results.json and the distillation logs.
 set -u
 mkdir -p /tmp/smol
 for half in .carry/a/gguf.00 .carry/b/gguf.01; do [ -f "$half" ] && cp "$half" /tmp/smol/; done
