@@ -4,13 +4,14 @@ the plot and the command line."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from mmdistill import bench
-from mmdistill.cli import app
+from mmdistill.cli import app, main
 from mmdistill.seeding import seed
 
 ROW_KEYS = {
@@ -147,17 +148,28 @@ def test_cli_bench_json_and_plot(llama_dir, tmp_path):
     assert doc["teacher"] == str(llama_dir) and plot.exists()
 
 
-def test_cli_bench_needs_one_teacher(llama_dir):
-    result = CliRunner().invoke(app, ["bench", "--seed-layout", "none", "--device", "cpu"])
-    assert result.exit_code != 0
-    result = CliRunner().invoke(
-        app,
-        ["bench", "--teacher", str(llama_dir), "--random-shape", "tiny", "--seed-layout", "none"],
-    )
-    assert result.exit_code != 0
+def cli(monkeypatch, capfd, *args: str) -> tuple[int, str]:
+    """``mmdistill *args`` through the console entry point: (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["mmdistill", *args])
+    capfd.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = 0 if exc.code is None else exc.code
+    return code, capfd.readouterr().err
 
 
-def test_cli_bench_teacher_alone_and_nothing_to_measure(llama_dir):
+def test_cli_bench_needs_one_teacher(llama_dir, monkeypatch, capfd):
+    """Neither or both of --teacher/--random-shape: a user error (exit 2, one line, no traceback)."""
+    message = "error: give exactly one of --teacher SRC and --random-shape NAME"
+    for source in ([], ["--teacher", str(llama_dir), "--random-shape", "tiny"]):
+        code, err = cli(monkeypatch, capfd, "bench", *source, "--seed-layout", "none")
+        assert code == 2, err
+        assert err.strip() == message
+
+
+def test_cli_bench_teacher_alone_and_nothing_to_measure(llama_dir, monkeypatch, capfd):
     """Without students the teacher rows alone are measured (a baseline); with --skip-teacher
     as well there is nothing to measure, which is a clear error."""
     args = ["bench", "--teacher", str(llama_dir), "--lengths", "12", "-n", "2", "--device", "cpu"]
@@ -166,5 +178,5 @@ def test_cli_bench_teacher_alone_and_nothing_to_measure(llama_dir):
     doc = json.loads(result.stdout)
     assert [m["name"] for m in doc["models"]] == ["teacher", "teacher (static KV)"]
     assert doc["ratios"] == [] and {r["status"] for r in doc["results"]} == {"ok"}
-    result = CliRunner().invoke(app, [*args, "--skip-teacher"])
-    assert result.exit_code != 0 and "nothing to measure" in str(result.exception)
+    code, err = cli(monkeypatch, capfd, *args, "--skip-teacher")
+    assert code == 2 and "nothing to measure" in err and "Traceback" not in err
