@@ -157,7 +157,6 @@ def test_conversations_score_answer_tokens_and_generate_answers(chat_llama, tmp_
     assert data.tokens == 11 + len("And God saw that it was good.")
 
 
-
 @pytest.fixture(scope="module")
 def chat_llama_other(tmp_path_factory):
     """(directory, transformers model, model): another tiny Llama (other weights), same tokenizer."""
