@@ -341,7 +341,7 @@ def test_kjv_from_the_bible_program():
 
 
 def test_eval_cli_json(chat_llama, text_file, tmp_path):
-    directory, _, teacher = chat_llama
+    directory, hf_model, teacher = chat_llama
     mmdistill.seed(teacher, attention_layers="none").save_pretrained(tmp_path / "student")
     args = ["eval", "--student", str(tmp_path / "student"), "--teacher", str(directory)]
     result = CliRunner().invoke(
@@ -352,6 +352,12 @@ def test_eval_cli_json(chat_llama, text_file, tmp_path):
     for key in ("teacher_ppl", "student_ppl", "kl", "top1_agreement", "tokens", "files"):
         assert key in doc
     assert doc["tokens"] == 100 and doc["kl"] > 0 and len(doc["files"]) == 1
+    # the numbers are those of the definitions (the CLI's default window: 512 tokens)
+    student = mmdistill.load_student(tmp_path / "student")
+    ppl, kl, agree = reference_text_metrics(directory, hf_model, student, TEXT * 2, 512, 100)
+    assert doc["teacher_ppl"] == pytest.approx(ppl, rel=1e-5)
+    assert doc["kl"] == pytest.approx(kl, rel=1e-4)
+    assert doc["top1_agreement"] == pytest.approx(agree)
     missing = CliRunner().invoke(app, [*args, "--data", str(tmp_path / "nope.txt")])
     assert isinstance(missing.exception, DataError) and missing.exception.exit_code == 2
 
