@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# Two worker processes per run: not in the default suite; `make test-distributed` (CI) runs it.
+pytestmark = pytest.mark.distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = [
     *(f"stages.{i}.steps=3" for i in range(3)),
