@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 
-.PHONY: install test test-gpu demo lint format bench-cpu clean
+.PHONY: install test test-distributed test-gpu demo lint format bench-cpu clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Multi-process runs (two CPU workers, DeepSpeed ZeRO-2/3 on gloo), about a minute: own step in CI.
+test-distributed: install
+	$(BIN)/python -m pytest -q -m distributed
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu

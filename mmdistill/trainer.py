@@ -325,6 +325,14 @@ class Distiller:
                 ("WORLD_SIZE", "1"),
             ):
                 os.environ.setdefault(key, value)
+        if self.device.type == "cpu":
+            # DeepSpeed's TorchBackend JIT-compiles a C++ shared-memory all-reduce
+            # (deepspeed_shm_comm, via ninja) on the CPU accelerator; only its
+            # inference_all_reduce uses it, so training keeps plain gloo, nothing compiled.
+            # (``deepspeed.comm.torch`` as an attribute is PyTorch itself: fetch the module.)
+            import importlib
+
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         deepspeed.init_distributed(auto_mpi_discovery=False)
 
     def _wrap_teacher(self, teacher: DecoderLM):

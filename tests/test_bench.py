@@ -4,13 +4,16 @@ the plot and the command line."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from mmdistill import bench
-from mmdistill.cli import app
+from mmdistill.cli import app, main
+from mmdistill.generation import prefill
+from mmdistill.model import LMCache
 from mmdistill.seeding import seed
 from mmdistill.shapes import HOVLE_2_6B, text_config
 
@@ -71,12 +74,52 @@ def test_run_bench_document(candidates):
     assert ratio["prefill_speedup"] == pytest.approx(by[key]["prefill_ms"] / student["prefill_ms"])
 
 
-def test_replicated_prefill(candidates):
-    settings = bench.BenchSettings(lengths=[24], batches=[3], decode_tokens=2, prefill_batch=1)
-    doc = bench.run_bench(
-        candidates[:1] + candidates[2:3], settings, "cpu", progress=lambda s: None
-    )
+def test_replicated_prefill(candidates, monkeypatch):
+    """A prompt prefilled for one row and its cache replicated to three decodes exactly like a
+    real three-row prefill of that prompt (growing and static KV, Mamba and hybrid states)."""
+    settings = bench.BenchSettings(lengths=[24], batches=[3], decode_tokens=3, prefill_batch=1)
+    doc = bench.run_bench(candidates, settings, "cpu", progress=lambda s: None)
     assert all(r["prefill_batch"] == 1 and r["batch"] == 3 for r in doc["results"])
+
+    record: dict = {}
+
+    def spy_prefill(model, cache, ids, chunk_size=None):
+        logits = prefill(model, cache, ids, chunk_size=chunk_size)
+        record.update(ids=ids, decode=[])
+        return logits
+
+    def spy_forward(forward):
+        def wrapped(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            if "decode" in record:
+                record["decode"].append(out.logits[:, -1])
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(bench, "prefill", spy_prefill)
+    for model in {id(c.model): c.model for c in candidates}.values():
+        monkeypatch.setattr(model, "forward", spy_forward(model.forward))
+    cpu = torch.device("cpu")
+    for candidate in candidates:
+        record.clear()
+        bench.measure(candidate, 24, 3, settings, cpu)
+        ids, replicated = record.pop("ids"), torch.stack(record.pop("decode"))
+        assert ids.shape == (1, 24) and replicated.shape[:2] == (3, 3)
+
+        static = candidate.kv_cache == "static"
+        model = candidate.model
+        cache = LMCache(model, 3, cpu, model.dtype, max_length=24 + 4 if static else None)
+        with torch.no_grad():
+            logits = prefill(model, cache, ids.expand(3, -1), chunk_size=candidate.prefill_chunk)
+            batched = []
+            for _ in range(3):
+                tokens = logits.argmax(-1)
+                logits = model(tokens[:, None], cache=cache).logits[:, -1]
+                batched.append(logits)
+        batched = torch.stack(batched)
+        torch.testing.assert_close(replicated, batched, rtol=1e-5, atol=1e-5, msg=candidate.name)
+        assert torch.equal(replicated.argmax(-1), batched.argmax(-1)), candidate.name
 
 
 def test_out_of_memory_is_recorded_and_the_run_goes_on(candidates, monkeypatch):
@@ -148,17 +191,28 @@ def test_cli_bench_json_and_plot(llama_dir, tmp_path):
     assert doc["teacher"] == str(llama_dir) and plot.exists()
 
 
-def test_cli_bench_needs_one_teacher(llama_dir):
-    result = CliRunner().invoke(app, ["bench", "--seed-layout", "none", "--device", "cpu"])
-    assert result.exit_code != 0
-    result = CliRunner().invoke(
-        app,
-        ["bench", "--teacher", str(llama_dir), "--random-shape", "tiny", "--seed-layout", "none"],
-    )
-    assert result.exit_code != 0
+def cli(monkeypatch, capfd, *args: str) -> tuple[int, str]:
+    """``mmdistill *args`` through the console entry point: (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["mmdistill", *args])
+    capfd.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = 0 if exc.code is None else exc.code
+    return code, capfd.readouterr().err
 
 
-def test_cli_bench_teacher_alone_and_nothing_to_measure(llama_dir):
+def test_cli_bench_needs_one_teacher(llama_dir, monkeypatch, capfd):
+    """Neither or both of --teacher/--random-shape: a user error (exit 2, one line, no traceback)."""
+    message = "error: give exactly one of --teacher SRC and --random-shape NAME"
+    for source in ([], ["--teacher", str(llama_dir), "--random-shape", "tiny"]):
+        code, err = cli(monkeypatch, capfd, "bench", *source, "--seed-layout", "none")
+        assert code == 2, err
+        assert err.strip() == message
+
+
+def test_cli_bench_teacher_alone_and_nothing_to_measure(llama_dir, monkeypatch, capfd):
     """Without students the teacher rows alone are measured (a baseline); with --skip-teacher
     as well there is nothing to measure, which is a clear error."""
     args = ["bench", "--teacher", str(llama_dir), "--lengths", "12", "-n", "2", "--device", "cpu"]
@@ -167,5 +221,5 @@ def test_cli_bench_teacher_alone_and_nothing_to_measure(llama_dir):
     doc = json.loads(result.stdout)
     assert [m["name"] for m in doc["models"]] == ["teacher", "teacher (static KV)"]
     assert doc["ratios"] == [] and {r["status"] for r in doc["results"]} == {"ok"}
-    result = CliRunner().invoke(app, [*args, "--skip-teacher"])
-    assert result.exit_code != 0 and "nothing to measure" in str(result.exception)
+    code, err = cli(monkeypatch, capfd, *args, "--skip-teacher")
+    assert code == 2 and "nothing to measure" in err and "Traceback" not in err

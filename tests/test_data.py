@@ -144,7 +144,9 @@ def test_bad_images_skip_or_fail(tmp_path, hovle, broken):
     path = write_jsonl(tmp_path / "c.jsonl", [good, bad])
     skip = DataContext(hovle.config, hovle.config.teacher["directory"], on_bad_image="skip")
     source = ConversationSource(path, skip)
-    assert source.get(0) is not None
+    good_sample = source.get(0)  # the good record is rendered with its image, nothing skipped
+    pixel_values, _ = prepare_images(hovle.config, [tmp_path / "good.png"])
+    assert torch.equal(good_sample.pixel_values, pixel_values) and not source.skipped
     assert source.get(1) is None and source.skipped == Counter(bad_image=1)
     fail = DataContext(hovle.config, hovle.config.teacher["directory"], on_bad_image="fail")
     with pytest.raises(DataError, match=r"c\.jsonl: record 1: .*bad\.png") as info:

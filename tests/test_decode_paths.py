@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from generation_harness import cached_logits, check_cached_generation
 
 from mmdistill.bench import random_model
 from mmdistill.generation import prefill
@@ -146,20 +147,12 @@ def tiny():
     return teacher, seed(teacher, "every:2")
 
 
-def run_cache(model, ids, max_length, split=30):
-    cache = LMCache(model, ids.shape[0], ids.device, model.dtype, max_length=max_length)
-    with torch.no_grad():
-        steps = [prefill(model, cache, ids[:, :split], chunk_size=8)]
-        for t in range(split, ids.shape[1]):
-            steps.append(model(ids[:, t : t + 1], cache=cache).logits[:, -1])
-    return torch.stack(steps), cache
-
-
 def test_static_kv_cache_matches_growing(tiny):
-    ids = torch.randint(0, 256, (2, 40))
+    """Teacher and hybrid, growing and static KV caches: cached inference == full forward."""
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
     for model in tiny:
-        growing, g_cache = run_cache(model, ids, None)
-        static, s_cache = run_cache(model, ids, 48)
+        growing, g_cache = check_cached_generation(model, ids, 30, chunk_size=8)
+        static, s_cache = check_cached_generation(model, ids, 30, chunk_size=8, max_length=48)
         torch.testing.assert_close(static, growing, rtol=1e-5, atol=1e-5)
         attn = [s for s in s_cache.layers if hasattr(s, "k_buffer")]
         assert all(s.capacity == 48 and s.length == 40 and s.k.shape[2] == 40 for s in attn)
@@ -172,7 +165,7 @@ def test_static_kv_cache_full_and_select(tiny):
     cache = LMCache(teacher, 2, ids.device, teacher.dtype, max_length=10)
     with pytest.raises(ValueError, match="capacity"), torch.no_grad():
         prefill(teacher, cache, ids)
-    _, cache = run_cache(teacher, ids, 16, split=8)
+    _, cache = cached_logits(teacher, ids, 8, chunk_size=8, max_length=16)
     cache.select(torch.tensor([1, 1, 0]))
     assert cache.layers[0].k.shape == (3, 2, 12, 32) and cache.layers[0].capacity == 16
     torch.testing.assert_close(cache.layers[0].k[0], cache.layers[0].k[1])
@@ -251,7 +244,7 @@ def test_device_tracked_kv_cache_matches_static(tiny):
     one-token last prefill chunk, a copy from a batch-1 cache, and a reset."""
     _, hybrid = tiny
     ids = torch.randint(0, 256, (2, 40))
-    expected, _ = run_cache(hybrid, ids, 48, split=25)
+    expected, _ = cached_logits(hybrid, ids, 25, chunk_size=8, max_length=48)
     cache = LMCache(hybrid, 2, ids.device, hybrid.dtype, max_length=48)
     attn = [s for s in cache.layers if hasattr(s, "k_buffer")]
     for state in attn:
@@ -265,10 +258,10 @@ def test_device_tracked_kv_cache_matches_static(tiny):
             steps.append(hybrid(ids[:, t : t + 1], cache=cache).logits[:, -1])
             for state in attn:
                 state.advance()
-    torch.testing.assert_close(torch.stack(steps), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(steps, 1), expected, rtol=1e-5, atol=1e-5)
     assert all(s.length == 40 and int(s.slot) == 40 and s.k.shape[2] == 40 for s in attn)
 
-    single, one_row = run_cache(hybrid, ids[:1], None, split=25)
+    _, one_row = cached_logits(hybrid, ids[:1], 25, chunk_size=8)
     for dst, src in zip(cache.layers, one_row.layers, strict=True):
         dst.copy_(src)  # batch 1 broadcast into the two rows
     assert all(s.length == 40 and int(s.slot) == 40 for s in attn)

@@ -1,5 +1,7 @@
 """Several processes on the CPU (gloo): DeepSpeed ZeRO-2 and ZeRO-3 on two processes reproduce a
-one-process run with the same global batch (gradient accumulation 2), stage by stage."""
+one-process run with the same global batch (gradient accumulation 2), stage by stage. Nothing is
+compiled: DeepSpeed's JIT C++ ops (e.g. its shared-memory all-reduce) would land in
+``TORCH_EXTENSIONS_DIR``, which must stay absent."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# Two worker processes per run: not in the default suite; `make test-distributed` (CI) runs it.
+pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = [
@@ -34,6 +39,7 @@ def run_tiny(launcher: list[str], out: Path, cache: Path, overrides: list[str]) 
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
         "MMDISTILL_CACHE": str(cache),
+        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
     }
     cmd = [
         *launcher,
@@ -48,6 +54,8 @@ def run_tiny(launcher: list[str], out: Path, cache: Path, overrides: list[str]) 
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    built = cache / "torch_extensions"
+    assert not built.exists(), f"compiled at run time: {sorted(p.name for p in built.rglob('*'))}"
     return json.loads(done.stdout)["stages"]
 
 

@@ -156,23 +156,67 @@ def test_conversations_score_answer_tokens_and_generate_answers(chat_llama, tmp_
     # 11 answer tokens ("four", <|im_end|>, "\n", "six", ...); the text record: every character
     assert data.tokens == 11 + len("And God saw that it was good.")
 
-    result = evaluate(teacher, teacher, [path], max_new_tokens=5, batch_size=2)
-    acc = result["answer_accuracy"]
-    assert acc["questions"] == 2 and acc["teacher"] == acc["student"]
-    # transformers' own greedy generate on the same prompt gives the same answer
-    prompt = torch.tensor([data.questions[0].ids])
+
+@pytest.fixture(scope="module")
+def chat_llama_other(tmp_path_factory):
+    """(directory, transformers model, model): another tiny Llama (other weights), same tokenizer."""
+    directory = tmp_path_factory.mktemp("chat-llama-other")
+    vocab = write_char_tokenizer(directory)
+    hf_model = write_hf_model(directory, "llama", seed=1, vocab_size=vocab, eos_token_id=2)
+    return directory, hf_model, mmdistill.load_teacher(str(directory))
+
+
+def hf_answer(hf_model, tokenizer, prompt: list[int], max_new_tokens: int) -> str:
+    """transformers' own greedy generate on an unpadded prompt, cut at the first stop token."""
+    stops = [2, tokenizer.token_to_id("<|im_end|>")]
+    ids = torch.tensor([prompt])
     out = hf_model.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
-        max_new_tokens=5,
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=[2, tokenizer.token_to_id("<|im_end|>")],
+        eos_token_id=stops,
         pad_token_id=2,
     )
-    new = out[0, prompt.shape[1] :].tolist()
-    stop = next((i for i, t in enumerate(new) if t in (2, 4)), len(new))
-    expected = tokenizer.decode(new[:stop]).strip()
-    assert result["files"][0]["examples"][0]["teacher"] == expected
+    new = out[0, ids.shape[1] :].tolist()
+    stop = next((i for i, t in enumerate(new) if t in stops), len(new))
+    return tokenizer.decode(new[:stop]).strip()
+
+
+def test_answer_accuracy_of_different_teacher_and_student(chat_llama, chat_llama_other, tmp_path):
+    """Teacher and student are different models; the references are chosen from their own
+    (transformers-generated) answers so that the student gets 2 of 3 right and the teacher 1.
+    Batches of 2 left-pad the shorter prompt."""
+    from mmdistill.data.synthetic import normalize_answer
+
+    _, hf_teacher, teacher = chat_llama
+    _, hf_student, student = chat_llama_other
+    questions = ["What is two plus two?", "Name a colour.", "Is it day?"]
+
+    def write(references):
+        path = tmp_path / "qa.jsonl"
+        records = [
+            {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": r}]}
+            for q, r in zip(questions, references, strict=True)
+        ]
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return path
+
+    tokenizer = tokenizer_for(teacher)
+    prompts = [q.ids for q in prepare_file(write(["x"] * 3), teacher, tokenizer).questions]
+    assert len({len(p) for p in prompts}) > 1  # the batches are padded
+    by_teacher = [hf_answer(hf_teacher, tokenizer, p, 5) for p in prompts]
+    by_student = [hf_answer(hf_student, tokenizer, p, 5) for p in prompts]
+    for t, s in zip(by_teacher, by_student, strict=True):  # the models answer differently
+        assert normalize_answer(t) and normalize_answer(s)
+        assert normalize_answer(t) != normalize_answer(s)
+
+    path = write([by_student[0], by_student[1], by_teacher[2]])
+    result = evaluate(student, teacher, [path], max_new_tokens=5, batch_size=2)
+    assert result["answer_accuracy"] == {"teacher": 1 / 3, "student": 2 / 3, "questions": 3}
+    examples = result["files"][0]["examples"]
+    assert [e["teacher"] for e in examples] == by_teacher
+    assert [e["student"] for e in examples] == by_student
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +341,7 @@ def test_kjv_from_the_bible_program():
 
 
 def test_eval_cli_json(chat_llama, text_file, tmp_path):
-    directory, _, teacher = chat_llama
+    directory, hf_model, teacher = chat_llama
     mmdistill.seed(teacher, attention_layers="none").save_pretrained(tmp_path / "student")
     args = ["eval", "--student", str(tmp_path / "student"), "--teacher", str(directory)]
     result = CliRunner().invoke(
@@ -308,6 +352,12 @@ def test_eval_cli_json(chat_llama, text_file, tmp_path):
     for key in ("teacher_ppl", "student_ppl", "kl", "top1_agreement", "tokens", "files"):
         assert key in doc
     assert doc["tokens"] == 100 and doc["kl"] > 0 and len(doc["files"]) == 1
+    # the numbers are those of the definitions (the CLI's default window: 512 tokens)
+    student = mmdistill.load_student(tmp_path / "student")
+    ppl, kl, agree = reference_text_metrics(directory, hf_model, student, TEXT * 2, 512, 100)
+    assert doc["teacher_ppl"] == pytest.approx(ppl, rel=1e-5)
+    assert doc["kl"] == pytest.approx(kl, rel=1e-4)
+    assert doc["top1_agreement"] == pytest.approx(agree)
     missing = CliRunner().invoke(app, [*args, "--data", str(tmp_path / "nope.txt")])
     assert isinstance(missing.exception, DataError) and missing.exception.exit_code == 2
 

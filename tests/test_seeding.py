@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from generation_harness import check_cached_generation
 
 import mmdistill
 from mmdistill.attention_layers import parse_attention_layers
@@ -59,31 +60,21 @@ def test_seeded_weights_are_teacher_slices(llama_teacher):
 
 @pytest.mark.parametrize("spec", ["none", "every:2"])
 @pytest.mark.parametrize("conv_kernel", [2, 4])
-def test_cached_generation_equals_recompute(llama_teacher, spec, conv_kernel):
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_cached_generation_equals_recompute(llama_teacher, spec, conv_kernel, chunk):
+    """Linear ("none") and hybrid students: prefill (one pass or chunks) + steps == full forward."""
     student = mmdistill.seed(
         llama_teacher, attention_layers=spec, mixer={"conv_kernel": conv_kernel}
     )
-    prompt = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(0))
-    out = student.generate(prompt, max_new_tokens=12, eos_token_id=[])
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(12):
-            seq = torch.cat([seq, student(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, seq)
-    chunked = student.generate(prompt, max_new_tokens=12, eos_token_id=[], prefill_chunk_size=4)
-    assert torch.equal(chunked, seq)
+    ids = torch.randint(0, 101, (2, 23), generator=torch.Generator().manual_seed(0))
+    check_cached_generation(student, ids, 11, chunk_size=chunk, new_tokens=12)
 
 
-def test_left_padded_generation_matches_single_rows(llama_teacher):
-    student = mmdistill.seed(llama_teacher, attention_layers="every:2")
-    a = torch.randint(0, 101, (1, 9), generator=torch.Generator().manual_seed(1))
-    b = torch.randint(0, 101, (1, 5), generator=torch.Generator().manual_seed(2))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, :4] = 0
-    out = student.generate(batch, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
-    assert torch.equal(out[0:1], student.generate(a, max_new_tokens=6, eos_token_id=[]))
-    assert torch.equal(out[1:2, 4:], student.generate(b, max_new_tokens=6, eos_token_id=[]))
+@pytest.mark.parametrize("spec", ["none", "every:2"])
+def test_left_padded_generation_matches_single_rows(llama_teacher, spec):
+    student = mmdistill.seed(llama_teacher, attention_layers=spec)
+    ids = torch.randint(0, 101, (3, 17), generator=torch.Generator().manual_seed(1))
+    check_cached_generation(student, ids, 9, left_pad=[0, 4, 8], chunk_size=3)
 
 
 def test_sampling_is_seeded_and_respects_eos(llama_teacher):

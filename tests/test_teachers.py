@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import write_hf_model
+from generation_harness import check_cached_generation
 from safetensors.torch import load_file, save_file
 
 from mmdistill import load_teacher
@@ -45,6 +46,10 @@ def test_hf_teacher_matches_transformers(tmp_path, family, overrides):
     assert teacher.config.teacher["adapter"] == family
     assert all(not p.requires_grad for p in teacher.parameters())
     compare_logits(hf_model, teacher)
+    # cached inference (past Mistral's 16-token window too), plain and left-padded
+    ids = torch.randint(0, 101, (2, 37), generator=torch.Generator().manual_seed(4))
+    check_cached_generation(teacher, ids, 20, chunk_size=8)
+    check_cached_generation(teacher, ids, 20, left_pad=[6, 0], max_length=48)
 
 
 def pack_grouped_wqkv(q, k, v, heads, kv_heads, head_dim):
