@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import shutil
@@ -61,48 +60,15 @@ from .errors import CheckpointError, DataError, RecipeError, TrainingError
 from .files import read_safetensors, save_sharded
 from .model import DecoderLM, build_from_state_dict
 from .objective import DistillObjective, TeacherForward
-from .recipe import Recipe, ScheduleSpec, StageSpec
+from .recipe import Recipe, StageSpec
 from .roles import set_trainable
 from .seeding import seed
 from .teachers import load_teacher
+from .training.schedule import make_optimizer, stage_steps
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-
-
-# --------------------------------------------------------------------------------------------
-# Schedules
-# --------------------------------------------------------------------------------------------
-
-
-def lr_multiplier(spec: ScheduleSpec, total: int) -> Callable[[int], float]:
-    """Learning-rate multiplier as a function of completed optimiser steps.
-
-    Linear warmup to 1 over the warmup steps (step ``i`` uses ``(i + 1) / warmup``); then
-    ``constant``: 1; ``cosine``: half a cosine from 1 to ``min_lr_ratio`` at ``total``; ``wsd``:
-    1 until the last ``decay`` steps, then linear to ``min_lr_ratio`` at ``total``.
-    """
-    warm = spec.warmup_steps if spec.warmup_steps is not None else round(spec.warmup_ratio * total)
-    warm = min(warm, total)
-    decay = spec.decay_steps if spec.decay_steps is not None else round(spec.decay_ratio * total)
-    decay = max(0, min(decay, total - warm))
-    low = spec.min_lr_ratio
-
-    def multiplier(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if spec.kind == "constant":
-            return 1.0
-        if spec.kind == "cosine":
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
-        start = total - decay
-        if step < start or decay == 0:
-            return 1.0
-        return 1.0 - (1 - low) * min(1.0, (step - start) / decay)
-
-    return multiplier
 
 
 # --------------------------------------------------------------------------------------------
@@ -576,10 +542,7 @@ class Distiller:
         for role, n in counts.items():
             if n == 0:
                 self._log(f"[yellow]stage {stage.name}: role '{role}' matches no parameter[/]")
-        tokens_per_step = stage.batch_size * stage.grad_accum * self.world * data.seq_len
-        total = (
-            stage.steps if stage.steps is not None else math.ceil(stage.tokens / tokens_per_step)
-        )
+        total = stage_steps(stage, self.world, data.seq_len)
         layerwise = stage.loss.layerwise
         layers = student.mixer_layers() if stage.loss.mse_weight > 0 else []
         if layerwise and not layers:
@@ -596,19 +559,8 @@ class Distiller:
             vision_dummy=self.world > 1 and "vision" in stage.trainable,
         )
         params = [p for p in student.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in params if p.ndim >= 2], "weight_decay": stage.weight_decay},
-                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-            ],
-            lr=stage.lr,
-            betas=stage.betas,
-            eps=stage.eps,
-            fused=self.device.type == "cuda" and not self.deepspeed,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_multiplier(stage.schedule, total)
-        )
+        fused = self.device.type == "cuda" and not self.deepspeed
+        optimizer, scheduler = make_optimizer(student, stage, total, fused)
         engine = None
         frozen: dict[str, torch.Tensor] = {}
         if self.deepspeed:

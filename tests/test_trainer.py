@@ -15,7 +15,8 @@ from mmdistill.errors import CheckpointError, TrainingError
 from mmdistill.files import read_safetensors
 from mmdistill.recipe import ScheduleSpec, load_recipe
 from mmdistill.roles import parameter_role
-from mmdistill.trainer import Distiller, distill, latest_checkpoint, list_checkpoints, lr_multiplier
+from mmdistill.trainer import Distiller, distill, latest_checkpoint, list_checkpoints
+from mmdistill.training.schedule import lr_multiplier
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
