@@ -15,7 +15,9 @@ from mmdistill.errors import CheckpointError, TrainingError
 from mmdistill.files import read_safetensors
 from mmdistill.recipe import ScheduleSpec, load_recipe
 from mmdistill.roles import parameter_role
-from mmdistill.trainer import Distiller, distill, latest_checkpoint, list_checkpoints, lr_multiplier
+from mmdistill.trainer import distill
+from mmdistill.training.checkpoints import latest_checkpoint, list_checkpoints
+from mmdistill.training.schedule import lr_multiplier
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny.yaml"
@@ -201,7 +203,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
 def test_resume_needs_a_checkpoint(tmp_path, data_cache):
     recipe = tiny(tmp_path / "empty", data_cache)
     with pytest.raises(CheckpointError, match="--resume: no complete checkpoint"):
-        Distiller(recipe, resume=True).run()
+        distill(recipe, resume=True)
 
 
 def test_hf_llama_end_to_end_stage(tmp_path, llama_dir):

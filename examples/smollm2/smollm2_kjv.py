@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from mmdistill.teachers import resolve_source
-from mmdistill.trainer import CHECKPOINTS
+from mmdistill.training.checkpoints import CHECKPOINTS
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LAYOUTS = ("every:2", "none")
