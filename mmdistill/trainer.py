@@ -34,6 +34,7 @@ from rich.console import Console
 from .data.loader import shapes_dataset
 from .data.text import DataContext
 from .errors import DataError
+from .files import atomic_write_text
 from .model import DecoderLM
 from .objective import TeacherForward
 from .recipe import Recipe
@@ -89,7 +90,7 @@ def distill(
     if procs.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(run.out / CHECKPOINTS)
-        (run.out / "recipe.yaml").write_text(recipe.to_yaml())
+        atomic_write_text(run.out / "recipe.yaml", recipe.to_yaml())
     with console.status("loading the teacher") if procs.is_main else contextlib.nullcontext():
         teacher, student = _load_models(recipe, procs.device)
     run.data, run.shapes = _data_context(recipe, teacher, procs)
@@ -171,5 +172,5 @@ def _write_student(run: Run, student: DecoderLM, started: float) -> dict:
         "seconds": round(time.perf_counter() - started, 3),
     }
     if run.procs.is_main:
-        (run.out / "report.json").write_text(json.dumps(result, indent=2))
+        atomic_write_text(run.out / "report.json", json.dumps(result, indent=2))
     return result
