@@ -15,15 +15,11 @@ from pathlib import Path
 import torch
 import typer
 
+from ..chat_format import build_generation_prompt
 from ..errors import DataError
-from ..evaluation import (
-    build_generation_prompt,
-    describe,
-    is_student_dir,
-    load_model,
-    load_tokenizer,
-)
+from ..evaluation import describe, is_student_dir, load_model
 from ..generation import generate
+from ..tokenizer import load_tokenizer
 from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
 from .output import emit_json, err
 
