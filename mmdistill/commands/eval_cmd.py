@@ -22,7 +22,7 @@ from ..evaluation import (
     tokenizer_for,
 )
 from ..model import DecoderLM
-from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
+from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, require_files, resolve_device
 from .output import emit_json, err
 
 
@@ -134,9 +134,7 @@ def eval_command(
             "--tasks needs lm-evaluation-harness, which is not installed: pip install lm-eval "
             "(its task data must then be available offline, in the local datasets cache)"
         )
-    for f in files:
-        if not f.is_file():
-            raise DataError(f"data file not found: {f}")
+    require_files(files, "data")
     check_dtype(dtype)
     device = str(resolve_device(device))
     with err.status(f"loading teacher {teacher}"):
