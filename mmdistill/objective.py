@@ -19,11 +19,19 @@ Losses (:class:`DistillObjective`):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .metrics import token_kl, token_nll
 from .model import DecoderLM
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values [b, l]`` over the positions where ``mask`` is nonzero (all if ``None``)."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def layer_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -36,11 +44,7 @@ def layer_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | Non
     Returns:
         Scalar float32.
     """
-    err = (pred.float() - target.float()).pow(2).mean(-1)
-    if mask is None:
-        return err.mean()
-    mask = mask.to(err.dtype)
-    return (err * mask).sum() / mask.sum().clamp(min=1)
+    return _masked_mean((pred.float() - target.float()).pow(2).mean(-1), mask)
 
 
 def kl_per_token(
@@ -51,8 +55,8 @@ def kl_per_token(
 ) -> torch.Tensor:
     """KL(teacher || student) per token, summed over the vocabulary and averaged over tokens.
 
-    Computed as ``sum p_t log p_t - sum p_t log p_s`` with the teacher's terms outside the
-    autograd graph, so only the student's log-softmax is kept for the backward pass.
+    :func:`mmdistill.metrics.token_kl` (in chunks of positions; only the student's side is in
+    the autograd graph).
 
     Args:
         student_logits, teacher_logits: ``[b, l, vocab]``.
@@ -62,24 +66,8 @@ def kl_per_token(
     Returns:
         Scalar float32 (nats per token).
     """
-    t = temperature
-    student = student_logits.float()
-    with torch.no_grad():
-        teacher = teacher_logits.float()
-        if t != 1.0:
-            teacher = teacher / t
-        log_t = F.log_softmax(teacher, dim=-1)
-        p_t = log_t.exp()
-        neg_entropy = (p_t * log_t).sum(-1)
-        del teacher, log_t
-    if t != 1.0:
-        student = student / t
-    cross = (p_t * F.log_softmax(student, dim=-1)).sum(-1)
-    kl = (neg_entropy - cross) * (t * t)
-    if mask is None:
-        return kl.mean()
-    mask = mask.to(kl.dtype)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
+    kl = token_kl(student_logits, teacher_logits, temperature) * (temperature * temperature)
+    return _masked_mean(kl, mask)
 
 
 def next_token_ce(
@@ -88,7 +76,7 @@ def next_token_ce(
     mask: torch.Tensor | None,
     ignore_id: int | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of predicting token t+1 at position t.
+    """Cross-entropy of predicting token t+1 at position t (:func:`mmdistill.metrics.token_nll`).
 
     Args:
         logits: ``[b, l, vocab]``.
@@ -106,11 +94,7 @@ def next_token_ce(
         keep = keep & mask[:, 1:].bool() & mask[:, :-1].bool()
     if ignore_id is not None:
         keep = keep & (targets != ignore_id)
-    ce = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-    )
-    keep = keep.reshape(-1).to(ce.dtype)
-    return (ce * keep).sum() / keep.sum().clamp(min=1)
+    return _masked_mean(token_nll(logits[:, :-1], targets), keep)
 
 
 def image_context_id(model: DecoderLM) -> int | None:

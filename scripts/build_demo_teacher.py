@@ -25,12 +25,8 @@ import torch
 
 import mmdistill
 from mmdistill.data.synthetic import generate_samples, majority_baseline_accuracy
-from mmdistill.demo.teacher import (
-    RECORD_NAME,
-    build_shapes_teacher,
-    config_with_overrides,
-    evaluate_answers,
-)
+from mmdistill.demo.questions import evaluate_answers
+from mmdistill.demo.teacher import RECORD_NAME, build_shapes_teacher, config_with_overrides
 from mmdistill.tokenizer import load_tokenizer
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import string
 
 import pytest
 import torch
@@ -85,3 +86,46 @@ def hovle():
     from mmdistill import load_teacher
 
     return load_teacher("builtin:tiny-hovle")
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_char_tokenizer(directory) -> int:
+    """A character-level HF tokenizer (BOS added, chat template); returns its vocabulary size."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    chars = list(" \n" + string.ascii_letters + string.digits + ".,?!:;'-")
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    raw.decoder = decoders.Fuse()
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(directory))
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tmp_path_factory):
+    """(directory, transformers model, teacher) of a tiny Llama with a character tokenizer and a
+    chat template (one per test module)."""
+    directory = tmp_path_factory.mktemp("chat-llama")
+    vocab = write_char_tokenizer(directory)
+    hf_model = write_hf_model(directory, "llama", vocab_size=vocab, eos_token_id=2)
+    from mmdistill import load_teacher
+
+    return directory, hf_model, load_teacher(str(directory))

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 import mmdistill
-from mmdistill.data.conversations import ConversationSource, record_messages
+from mmdistill.chat import record_messages
+from mmdistill.data.conversations import ConversationSource
 from mmdistill.data.loader import (
     BatchIterator,
     Mixture,

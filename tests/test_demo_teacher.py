@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import mmdistill
 from mmdistill.data.synthetic import generate_samples
+from mmdistill.demo.questions import evaluate_answers
 from mmdistill.demo.teacher import (
     BUILTIN_NAME,
     DEMO_KINDS,
@@ -20,7 +21,6 @@ from mmdistill.demo.teacher import (
     ShapesTeacherConfig,
     build_shapes_teacher,
     config_with_overrides,
-    evaluate_answers,
     shipped_teacher,
     to_hovle_state_dict,
     train_teacher,

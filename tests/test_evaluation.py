@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import string
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_hf_model
+from conftest import write_char_tokenizer, write_hf_model
 from typer.testing import CliRunner
 
 import mmdistill
@@ -22,10 +21,6 @@ from mmdistill.errors import DataError
 from mmdistill.evaluation import evaluate, evaluate_many, prepare_file, tokenizer_for
 from mmdistill.frontends.hovle import chat_prompt, prepare_images
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 TEXT = (
     "In the beginning God created the heaven and the earth.\n"
     "And the earth was without form, and void; and darkness was upon the face of the deep.\n"
@@ -33,40 +28,6 @@ TEXT = (
     "And God saw the light, that it was good: and God divided the light from the darkness.\n"
     "And God called the light Day, and the darkness he called Night.\n"
 )
-
-
-def write_char_tokenizer(directory) -> int:
-    """A character-level HF tokenizer (BOS added, chat template); returns its vocabulary size."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers, processors
-    from tokenizers import Tokenizer as RawTokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    chars = list(" \n" + string.ascii_letters + string.digits + ".,?!:;'-")
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    raw.decoder = decoders.Fuse()
-    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(str(directory))
-    return len(vocab)
-
-
-@pytest.fixture(scope="module")
-def chat_llama(tmp_path_factory):
-    """(directory, transformers model, teacher) of a tiny Llama with a char tokenizer."""
-    directory = tmp_path_factory.mktemp("chat-llama")
-    vocab = write_char_tokenizer(directory)
-    hf_model = write_hf_model(directory, "llama", vocab_size=vocab, eos_token_id=2)
-    return directory, hf_model, mmdistill.load_teacher(str(directory))
 
 
 @pytest.fixture(scope="module")

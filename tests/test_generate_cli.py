@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_hf_model
 from PIL import Image
-from test_evaluation import write_char_tokenizer
 from typer.testing import CliRunner
 
 import mmdistill
@@ -26,10 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def chat_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("chat-llama")
-    vocab = write_char_tokenizer(directory)
-    hf_model = write_hf_model(directory, "llama", vocab_size=vocab, eos_token_id=2)
+def chat_dir(chat_llama):
+    directory, hf_model, _ = chat_llama
     return directory, hf_model
 
 

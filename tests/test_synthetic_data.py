@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmdistill.chat import IMAGE_PLACEHOLDER
 from mmdistill.data import synthetic
 from mmdistill.data.synthetic import (
     CAPTION_PROMPT,
-    IMAGE_TOKEN,
     QA_KINDS,
     answer_accuracy,
     build_demo_dataset,
@@ -214,13 +214,13 @@ def test_jsonl_schema_and_images(tmp_path: Path) -> None:
         assert _png(Image.open(path.parent / qa["image"])) == _png(s.image)
         turns = qa["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * len(s.qa)
-        assert turns[0]["value"].startswith(IMAGE_TOKEN + "\n")
-        assert sum(IMAGE_TOKEN in t["value"] for t in turns) == 1
+        assert turns[0]["value"].startswith(IMAGE_PLACEHOLDER + "\n")
+        assert sum(IMAGE_PLACEHOLDER in t["value"] for t in turns) == 1
         pairs = [(turns[j]["value"], turns[j + 1]["value"]) for j in range(0, len(turns), 2)]
-        assert [(q.removeprefix(IMAGE_TOKEN + "\n"), a) for q, a in pairs] == s.qa
+        assert [(q.removeprefix(IMAGE_PLACEHOLDER + "\n"), a) for q, a in pairs] == s.qa
         assert qa["qa_kinds"] == s.qa_kinds
         assert cap["conversations"] == [
-            {"from": "human", "value": f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"},
+            {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{CAPTION_PROMPT}"},
             {"from": "gpt", "value": s.caption},
         ]
     # Rewriting fewer samples removes the stale images; no temporary files are left.

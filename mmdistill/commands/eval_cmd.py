@@ -21,7 +21,8 @@ from ..evaluation import (
     run_lm_eval,
     tokenizer_for,
 )
-from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
+from ..model import DecoderLM
+from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, require_files, resolve_device
 from .output import emit_json, err
 
 
@@ -60,6 +61,33 @@ def results_table(result: dict, title: str = "student vs teacher") -> Table:
             style="bold" if name == "all" else None,
         )
     return table
+
+
+def _harness(
+    teacher: DecoderLM,
+    student: DecoderLM,
+    tasks: list[str],
+    limit: int | None,
+    include_path: Path | None,
+) -> dict[str, Any]:
+    """lm-evaluation-harness results of both models (a table on stderr): ``{"teacher", "student"}``."""
+    tokenizer = tokenizer_for(teacher)
+    results = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        with err.status(f"lm-eval {','.join(tasks)} on the {name}"):
+            results[name] = run_lm_eval(
+                model, tokenizer, tasks, limit=limit, include_path=include_path
+            )
+    table = Table(title="lm-evaluation-harness")
+    for col in ("task", "metric", "teacher", "student"):
+        table.add_column(col)
+    for task, metrics in results["student"].items():
+        for metric, value in metrics.items():
+            if isinstance(value, int | float) and "stderr" not in metric:
+                other = results["teacher"].get(task, {}).get(metric)
+                table.add_row(task, metric, _fmt(other), _fmt(value))
+    err.print(table)
+    return results
 
 
 def eval_command(
@@ -106,9 +134,7 @@ def eval_command(
             "--tasks needs lm-evaluation-harness, which is not installed: pip install lm-eval "
             "(its task data must then be available offline, in the local datasets cache)"
         )
-    for f in files:
-        if not f.is_file():
-            raise DataError(f"data file not found: {f}")
+    require_files(files, "data")
     check_dtype(dtype)
     device = str(resolve_device(device))
     with err.status(f"loading teacher {teacher}"):
@@ -132,23 +158,7 @@ def eval_command(
         report.update(result)
         err.print(results_table(result, f"{student} vs {teacher}"))
     if task_list:
-        tokenizer = tokenizer_for(teacher_model)
-        harness = {}
-        for name, model in (("teacher", teacher_model), ("student", student_model)):
-            with err.status(f"lm-eval {','.join(task_list)} on the {name}"):
-                harness[name] = run_lm_eval(
-                    model, tokenizer, task_list, limit=limit, include_path=include_path
-                )
-        report["lm_eval"] = harness
-        table = Table(title="lm-evaluation-harness")
-        for col in ("task", "metric", "teacher", "student"):
-            table.add_column(col)
-        for task, metrics in harness["student"].items():
-            for metric, value in metrics.items():
-                if isinstance(value, int | float) and "stderr" not in metric:
-                    other = harness["teacher"].get(task, {}).get(metric)
-                    table.add_row(task, metric, _fmt(other), _fmt(value))
-        err.print(table)
+        report["lm_eval"] = _harness(teacher_model, student_model, task_list, limit, include_path)
     if as_json:
         emit_json(report)
 

@@ -15,16 +15,11 @@ from pathlib import Path
 import torch
 import typer
 
-from ..errors import DataError
-from ..evaluation import (
-    build_generation_prompt,
-    describe,
-    is_student_dir,
-    load_model,
-    load_tokenizer,
-)
+from ..chat_format import build_generation_prompt
+from ..evaluation import describe, is_student_dir, load_model
 from ..generation import generate
-from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, resolve_device
+from ..tokenizer import load_tokenizer
+from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, require_files, resolve_device
 from .output import emit_json, err
 
 
@@ -77,9 +72,7 @@ def generate_command(
 ) -> None:
     """Generate an answer with a student or teacher, streaming it to stdout."""
     images = list(image or [])
-    for path in images:
-        if not path.is_file():
-            raise DataError(f"image file not found: {path}")
+    require_files(images, "image")
     check_dtype(dtype)
     device = str(resolve_device(device))
     with err.status(f"loading {model_dir}"):

@@ -1,15 +1,27 @@
-"""Options several commands share: weight dtype and device, checked before anything loads."""
+"""Options several commands share: input files, weight dtype and device, checked before anything
+loads."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import typer
 
-from ..errors import MmdistillError
+from ..errors import DataError, MmdistillError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_HELP = f"Weights dtype: {' | '.join(DTYPES)}."
 DEVICE_HELP = "cpu, cuda, cuda:1, ..."
+
+
+def require_files(paths: Iterable[Path], what: str) -> None:
+    """A user error (exit 2) naming the first of ``paths`` that is not a file (``what`` file not
+    found: PATH)."""
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{what} file not found: {path}")
 
 
 def check_dtype(dtype: str) -> str:

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..chat import IMAGE_PLACEHOLDER
 from ..errors import DataError
 from ..files import atomic_write_bytes
 from .kjv import read_verses
@@ -52,7 +53,6 @@ __all__ = [
     "COLOURS",
     "DATA_VERSION",
     "EVAL_EVERY",
-    "IMAGE_TOKEN",
     "POSITIONS",
     "QA_KINDS",
     "SHAPES",
@@ -105,7 +105,6 @@ QA_KINDS: tuple[str, ...] = (
     "size",  # What size is the red circle? (only if unique) -> "small" / "large"
     "side",  # Is the red circle on the left or the right? (only if unique) -> "left"
 )
-IMAGE_TOKEN = "<image>"
 CAPTION_PROMPT = "Describe the image."
 
 _MARGIN = 2  # pixels kept free inside each cell border, so shapes in adjacent cells never touch
@@ -543,7 +542,7 @@ def write_multimodal_jsonl(
         atomic_write_bytes(out / rel, _png_bytes(s.image))
         conversations = []
         for j, (q, a) in enumerate(s.qa):
-            prompt = f"{IMAGE_TOKEN}\n{q}" if j == 0 else q
+            prompt = f"{IMAGE_PLACEHOLDER}\n{q}" if j == 0 else q
             conversations += [{"from": "human", "value": prompt}, {"from": "gpt", "value": a}]
         if conversations:
             record = {"id": f"{name}-{i:06d}-qa", "task": "qa", "image": rel}
@@ -551,7 +550,7 @@ def write_multimodal_jsonl(
             lines.append(json.dumps(record, ensure_ascii=False))
         if include_captions:
             conversations = [
-                {"from": "human", "value": f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"},
+                {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{CAPTION_PROMPT}"},
                 {"from": "gpt", "value": s.caption},
             ]
             record = {"id": f"{name}-{i:06d}-caption", "task": "caption", "image": rel}

@@ -90,6 +90,17 @@ class DataContext:
         return 0 if pad is None else int(pad)
 
 
+def json_record(line: str, where: str) -> dict:
+    """One JSONL line parsed as a JSON object; DataError naming ``where`` otherwise."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise DataError(f"{where} is not a JSON object")
+    return value
+
+
 class LineFile:
     """Byte offsets of the non-empty lines of a file, for random access."""
 
@@ -123,14 +134,7 @@ class LineFile:
 
     def record(self, index: int) -> dict:
         """Record ``index`` parsed as a JSON object."""
-        text = self.line(index)
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{self.path}: record {index} is not valid JSON: {exc}") from exc
-        if not isinstance(value, dict):
-            raise DataError(f"{self.path}: record {index} is not a JSON object")
-        return value
+        return json_record(self.line(index), f"{self.path}: record {index}")
 
 
 class TextSource:

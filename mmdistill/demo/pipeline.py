@@ -22,13 +22,15 @@ import torch
 from ..data.synthetic import ShapeSample, generate_samples
 from ..evaluation import tokenizer_for
 from ..frontends.hovle import chat_prompt, prepare_images
+from ..metrics import TokenSums, score_tokens
 from ..model import DecoderLM, load_student
 from ..recipe import load_recipe
 from ..seeding import seed
 from ..teachers.loading import load_teacher, resolve_source
 from ..tokenizer import Tokenizer
 from ..trainer import distill
-from .teacher import DEMO_KINDS, evaluate_answers
+from .questions import evaluate_answers
+from .teacher import DEMO_KINDS
 
 RECIPE = Path(__file__).with_name("recipe.yaml")
 LAYOUTS = {"hybrid": "every:2", "linear": "none"}
@@ -52,8 +54,7 @@ def score_answers(
     config = teacher.config
     end = tokenizer.token_to_id("<|im_end|>")
     items = [(s.image, q, a) for s in samples for q, a in s.qa]
-    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in models}
-    count = 0
+    sums = {name: TokenSums() for name in models}
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         pixel_values, tiles = prepare_images(config, [image for image, _, _ in chunk])
@@ -75,28 +76,72 @@ def score_answers(
         pred = target[:, 1:]
         labels = ids[:, 1:][pred]
         with torch.no_grad():
-            logp = {
-                name: model(ids, pixel_values=pixel_values, attention_mask=mask)
-                .logits[:, :-1][pred]
-                .float()
-                .log_softmax(-1)
+            logits = {
+                name: model(ids, pixel_values=pixel_values, attention_mask=mask).logits[:, :-1][
+                    pred
+                ]
                 for name, model in models.items()
             }
-        ref = logp["teacher"]
-        for name, lp in logp.items():
-            sums[name]["nll"] -= lp.gather(-1, labels[:, None]).sum().item()
-            sums[name]["kl"] += (ref.exp() * (ref - lp)).sum().item()
-            sums[name]["agree"] += (lp.argmax(-1) == ref.argmax(-1)).sum().item()
-        count += labels.numel()
+        for name, lg in logits.items():
+            sums[name].add(score_tokens(lg, labels, logits["teacher"]))
     return {
         name: {
-            "ppl": math.exp(v["nll"] / count),
-            "kl": v["kl"] / count,
-            "top1_agreement": v["agree"] / count,
-            "answer_tokens": count,
+            "ppl": math.exp(v.nll / v.tokens),
+            "kl": v.kl / v.tokens,
+            "top1_agreement": v.agree / v.tokens,
+            "answer_tokens": v.tokens,
         }
         for name, v in sums.items()
     }
+
+
+_STAGE_KEYS = ("name", "initial_loss", "final_loss", "steps", "tokens", "seconds")
+
+
+def _run_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """A distillation run's student directory and per-stage losses, steps and times."""
+    stages = [{k: stage[k] for k in _STAGE_KEYS} for stage in run["stages"]]
+    return {"student_dir": run["student_dir"], "stages": stages}
+
+
+def _evaluate(recipes: dict, runs: dict[str, dict], questions: int) -> list[dict[str, Any]]:
+    """One row per model (teacher, seeded and distilled students): answer accuracy on held-out
+    images and the answer scores of :func:`score_answers`."""
+    recipe = recipes["hybrid"]
+    teacher = load_teacher(recipe.teacher)
+    models = {"teacher": teacher}
+    for name, layout in LAYOUTS.items():
+        spec = recipes[name].student
+        models[f"seeded {name}"] = seed(teacher, layout, mixer=spec.mixer, seed=spec.seed)
+        models[f"distilled {name}"] = load_student(runs[name]["student_dir"])
+    tokenizer = tokenizer_for(teacher)
+    shapes = recipe.data.shapes
+    # The question kinds the teacher was trained on (see DEMO_KINDS); about one of each per image.
+    samples = generate_samples(
+        max(1, questions // len(DEMO_KINDS)),
+        seed=shapes.seed + 1,
+        image_size=shapes.image_size,
+        max_shapes=shapes.max_shapes,
+        split="eval",
+        kinds=DEMO_KINDS,
+    )
+    scores = score_answers(models, tokenizer, samples)
+    rows = []
+    for name, model in models.items():
+        answers = evaluate_answers(model, tokenizer, samples)
+        rows.append(
+            {
+                "model": name,
+                "accuracy": answers["accuracy"],
+                "per_kind": answers["per_kind"],
+                "questions": answers["questions"],
+                **scores[name],
+            }
+        )
+    teacher_acc = rows[0]["accuracy"]
+    for row in rows:
+        row["accuracy_vs_teacher"] = row["accuracy"] / teacher_acc if teacher_acc else None
+    return rows
 
 
 def run_demo(
@@ -140,66 +185,14 @@ def run_demo(
 
     say("[bold]3/4[/] evaluating teacher, seeded and distilled students on held-out images")
     tick = time.perf_counter()
-    recipe = recipes["hybrid"]
-    teacher = load_teacher(recipe.teacher)
-    models = {"teacher": teacher}
-    for name, layout in LAYOUTS.items():
-        spec = recipes[name].student
-        models[f"seeded {name}"] = seed(teacher, layout, mixer=spec.mixer, seed=spec.seed)
-        models[f"distilled {name}"] = load_student(runs[name]["student_dir"])
-    tokenizer = tokenizer_for(teacher)
-    shapes = recipe.data.shapes
-    # The question kinds the teacher was trained on (see DEMO_KINDS); about one of each per image.
-    samples = generate_samples(
-        max(1, questions // len(DEMO_KINDS)),
-        seed=shapes.seed + 1,
-        image_size=shapes.image_size,
-        max_shapes=shapes.max_shapes,
-        split="eval",
-        kinds=DEMO_KINDS,
-    )
-    scores = score_answers(models, tokenizer, samples)
-    rows = []
-    for name, model in models.items():
-        answers = evaluate_answers(model, tokenizer, samples)
-        rows.append(
-            {
-                "model": name,
-                "accuracy": answers["accuracy"],
-                "per_kind": answers["per_kind"],
-                "questions": answers["questions"],
-                **scores[name],
-            }
-        )
+    rows = _evaluate(recipes, runs, questions)
     timings["evaluate"] = time.perf_counter() - tick
     timings["total"] = time.perf_counter() - start
-    teacher_acc = rows[0]["accuracy"]
-    for row in rows:
-        row["accuracy_vs_teacher"] = row["accuracy"] / teacher_acc if teacher_acc else None
     report = {
         "rows": rows,
         "questions": rows[0]["questions"],
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "runs": {
-            name: {
-                "student_dir": r["student_dir"],
-                "stages": [
-                    {
-                        k: s[k]
-                        for k in (
-                            "name",
-                            "initial_loss",
-                            "final_loss",
-                            "steps",
-                            "tokens",
-                            "seconds",
-                        )
-                    }
-                    for s in r["stages"]
-                ],
-            }
-            for name, r in runs.items()
-        },
+        "runs": {name: _run_summary(r) for name, r in runs.items()},
     }
     say("[bold]4/4[/] done")
     (out / "demo.json").write_text(json.dumps(report, indent=2))

@@ -30,9 +30,8 @@ config, thread count and machine: bit-identical weights):
 6. convert the weights to HoVLE's names (:func:`to_hovle_state_dict`, the inverse of the
    adapter's rules) and write the directory.
 
-:func:`evaluate_answers` measures held-out accuracy (greedy, one question per prompt, as HoVLE's
-``chat()`` asks it) for any HoVLE-front-end :class:`~mmdistill.model.DecoderLM`, students
-included. The question kinds the teacher is trained and evaluated on are :data:`DEMO_KINDS`.
+Held-out accuracy is measured by :func:`mmdistill.demo.questions.evaluate_answers`. The question
+kinds the teacher is trained and evaluated on are :data:`DEMO_KINDS`.
 """
 
 from __future__ import annotations
@@ -60,7 +59,6 @@ from ..data.synthetic import (
     SHAPES,
     SIZES,
     ShapeSample,
-    answer_accuracy,
     generate_samples,
     write_text_corpus,
 )
@@ -68,7 +66,6 @@ from ..errors import TeacherError
 from ..files import sha256_file
 from ..frontends.hovle import chat_prompt, prepare_images
 from ..frontends.hovle_image import CHAT_TEMPLATES, IMG_CONTEXT_TOKEN, IMG_START_TOKEN
-from ..generation import generate
 from ..model import DecoderLM, LMConfig
 from ..teachers.builtin import SHAPES_HOVLE_DIR
 from ..teachers.hovle import HoVLEAdapter
@@ -87,11 +84,9 @@ __all__ = [
     "DEMO_KINDS",
     "ShapesTeacherConfig",
     "TrainedTeacher",
-    "answer_questions",
     "SHIPPED_DIR",
     "build_shapes_teacher",
     "config_with_overrides",
-    "evaluate_answers",
     "hovle_config",
     "shipped_teacher",
     "to_hovle_state_dict",
@@ -821,100 +816,3 @@ def shipped_teacher(cfg: ShapesTeacherConfig | None = None) -> Path | None:
     if record.get("weights_sha256") != sha256_file(SHIPPED_DIR / "model.safetensors"):
         return None
     return SHIPPED_DIR
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def answer_questions(
-    model: DecoderLM,
-    tokenizer: Tokenizer,
-    questions: Sequence[tuple[Any, str]],
-    batch_size: int = 64,
-    max_new_tokens: int = 4,
-) -> list[str]:
-    """Greedy answers to ``(image, question)`` pairs, each prompted as HoVLE's ``chat()`` does.
-
-    Args:
-        model: A :class:`DecoderLM` with the HoVLE front-end (teacher or student).
-        tokenizer: Its tokenizer.
-        questions: ``(PIL image or path, question)`` pairs.
-        batch_size: Prompts per generation batch (left-padded).
-        max_new_tokens: Most answer tokens.
-
-    Returns:
-        The decoded answers (up to ``<|im_end|>``, stripped), in order.
-    """
-    config = model.config
-    stop = tokenizer.token_to_id(_SEP)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    answers: list[str] = []
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start : start + batch_size]
-        pixel_values, tiles = prepare_images(config, [image for image, _ in chunk])
-        prompts = [
-            tokenizer.encode(chat_prompt(config, question, [n]))
-            for (_, question), n in zip(chunk, tiles, strict=True)
-        ]
-        length = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), length), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, prompt in enumerate(prompts):
-            ids[b, length - len(prompt) :] = torch.tensor(prompt)
-            mask[b, length - len(prompt) :] = 1
-        out = generate(
-            model,
-            ids.to(model.device),
-            attention_mask=mask.to(model.device),
-            pixel_values=pixel_values.to(model.device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stop,
-            pad_token_id=pad,
-        )
-        for row in out[:, length:].tolist():
-            answers.append(tokenizer.decode(row[: row.index(stop)] if stop in row else row).strip())
-    return answers
-
-
-def evaluate_answers(
-    model: DecoderLM,
-    tokenizer: Tokenizer,
-    samples: Sequence[ShapeSample],
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """Held-out answer accuracy, overall and per question kind.
-
-    Args:
-        model: A HoVLE-front-end :class:`DecoderLM`.
-        tokenizer: Its tokenizer.
-        samples: Samples whose question/answer turns are asked one per prompt.
-        batch_size: Prompts per generation batch.
-
-    Returns:
-        ``{"accuracy", "questions", "per_kind": {kind: accuracy}, "counts": {kind: n},
-        "predictions": [...]}``.
-    """
-    questions, references, kinds = [], [], []
-    for sample in samples:
-        for (question, answer), kind in zip(sample.qa, sample.qa_kinds, strict=True):
-            questions.append((sample.image, question))
-            references.append(answer)
-            kinds.append(kind)
-    predictions = answer_questions(model, tokenizer, questions, batch_size=batch_size)
-    per_kind, counts = {}, {}
-    for kind in dict.fromkeys(kinds):
-        idx = [i for i, k in enumerate(kinds) if k == kind]
-        per_kind[kind] = answer_accuracy(
-            [predictions[i] for i in idx], [references[i] for i in idx]
-        )
-        counts[kind] = len(idx)
-    return {
-        "accuracy": answer_accuracy(predictions, references),
-        "questions": len(references),
-        "per_kind": per_kind,
-        "counts": counts,
-        "predictions": predictions,
-    }

@@ -23,6 +23,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from ..chat import IMAGE_PLACEHOLDER
+
 __all__ = [
     "CHAT_TEMPLATES",
     "IMAGENET_MEAN",
@@ -46,7 +48,6 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-IMAGE_PLACEHOLDER = "<image>"
 IMG_START_TOKEN = "<img>"
 IMG_END_TOKEN = "</img>"
 IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
