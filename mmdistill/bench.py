@@ -122,6 +122,84 @@ class Candidate:
 
 
 @dataclass
+class RowOptions:
+    """Which rows each model gets (see :func:`candidates_for`).
+
+    Attributes:
+        static_cache: add rows with a preallocated KV cache for models with attention layers.
+        cuda_graph: replay decode steps from a CUDA graph (all-Mamba students; with a static KV
+            cache, models with attention too).
+        compile: ``torch.compile`` the graph-captured step first.
+        teacher_chunk, hybrid_chunk, linear_chunk: prefill chunk of the teacher, of students
+            with attention layers, and of all-Mamba students (``None``: one pass).
+    """
+
+    static_cache: bool = True
+    cuda_graph: bool = False
+    compile: bool = False
+    teacher_chunk: int | None = None
+    hybrid_chunk: int | None = None
+    linear_chunk: int | None = 8192
+
+
+def candidates_for(
+    teacher: DecoderLM | None,
+    students: list[tuple[str, DecoderLM]],
+    options: RowOptions,
+    note: Callable[[str], None] = print,
+) -> list[Candidate]:
+    """The rows of a run: the teacher's (unless ``None``), then each student's.
+
+    A model with attention layers gets a row with the standard growing KV cache (as its users
+    run it) and, with ``static_cache``, one with a preallocated cache, eager and (with
+    ``cuda_graph``) replayed from a graph; an all-Mamba student gets one row. ``note`` is told
+    about rows left out (no graph for sliding-window attention).
+    """
+
+    def attention_rows(name: str, role: str, model: DecoderLM, chunk: int | None) -> list:
+        rows = [Candidate(name, role, model, "growing", chunk)]
+        if not options.static_cache:
+            return rows
+        rows.append(Candidate(f"{name} (static KV)", role, model, "static", chunk))
+        windowed = any(stack.sliding_window is not None for stack in model.config.stacks)
+        if options.cuda_graph and windowed:
+            note(f"{name}: no graph row (GraphDecoder has no sliding-window attention)")
+        elif options.cuda_graph:
+            rows.append(
+                Candidate(
+                    f"{name} (static KV, graph)",
+                    role,
+                    model,
+                    "static",
+                    chunk,
+                    cuda_graph=True,
+                    compile=options.compile,
+                )
+            )
+        return rows
+
+    rows = []
+    if teacher is not None:
+        rows += attention_rows("teacher", "teacher", teacher, options.teacher_chunk)
+    for name, model in students:
+        if any(t != "mamba" for t in model.config.layer_types):
+            rows += attention_rows(name, "student", model, options.hybrid_chunk)
+        else:
+            rows.append(
+                Candidate(
+                    name,
+                    "student",
+                    model,
+                    "none",
+                    options.linear_chunk,
+                    cuda_graph=options.cuda_graph,
+                    compile=options.compile and options.cuda_graph,
+                )
+            )
+    return rows
+
+
+@dataclass
 class BenchSettings:
     """What to measure (see the module docstring for what each number means)."""
 

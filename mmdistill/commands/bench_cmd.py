@@ -121,49 +121,17 @@ def bench_command(
             teacher_model.to("cpu")
             torch.cuda.empty_cache()
 
-    graph = cuda_graph and on_gpu
-
-    def attention_rows(name: str, role: str, model, chunk: int | None) -> list:
-        """Rows of a model with attention layers: eager with the standard growing KV cache (as
-        its users run it); with a preallocated one, eager and replayed from a CUDA graph."""
-        rows = [bench.Candidate(name, role, model, "growing", chunk)]
-        windowed = any(stack.sliding_window is not None for stack in model.config.stacks)
-        if static_cache:
-            rows.append(bench.Candidate(f"{name} (static KV)", role, model, "static", chunk))
-            if graph and windowed:
-                err.print(f"{name}: no graph row (GraphDecoder has no sliding-window attention)")
-            elif graph:
-                rows.append(
-                    bench.Candidate(
-                        f"{name} (static KV, graph)",
-                        role,
-                        model,
-                        "static",
-                        chunk,
-                        cuda_graph=True,
-                        compile=compile_step,
-                    )
-                )
-        return rows
-
-    candidates = []
-    if not skip_teacher:
-        candidates += attention_rows("teacher", "teacher", teacher_model, teacher_chunk or None)
-    for name, model in students:
-        if any(t != "mamba" for t in model.config.layer_types):
-            candidates += attention_rows(name, "student", model, hybrid_chunk or None)
-            continue
-        candidates.append(
-            bench.Candidate(
-                name,
-                "student",
-                model,
-                "none",
-                prefill_chunk or None,
-                cuda_graph=graph,
-                compile=compile_step and graph,
-            )
-        )
+    options = bench.RowOptions(
+        static_cache=static_cache,
+        cuda_graph=cuda_graph and on_gpu,
+        compile=compile_step,
+        teacher_chunk=teacher_chunk or None,
+        hybrid_chunk=hybrid_chunk or None,
+        linear_chunk=prefill_chunk or None,
+    )
+    candidates = bench.candidates_for(
+        None if skip_teacher else teacher_model, students, options, note=err.print
+    )
     settings = bench.BenchSettings(
         lengths=length_list,
         batches=batch_list,
