@@ -21,6 +21,7 @@ import torch
 
 from ..data.synthetic import ShapeSample, generate_samples
 from ..evaluation import tokenizer_for
+from ..files import atomic_write_text
 from ..frontends.hovle import chat_prompt, prepare_images
 from ..metrics import TokenSums, score_tokens
 from ..model import DecoderLM, load_student
@@ -166,8 +167,8 @@ def run_demo(
     say = console.print if console is not None else (lambda *a, **k: None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    say("[bold]1/4[/] teacher: builtin:shapes-hovle (trained on first use, a few minutes)")
-    resolve_source("builtin:shapes-hovle")
+    teacher_dir = resolve_source("builtin:shapes-hovle")
+    say(f"[bold]1/4[/] teacher: builtin:shapes-hovle (shipped in the package: {teacher_dir})")
     timings["teacher"] = time.perf_counter() - start
 
     runs = {}
@@ -195,5 +196,5 @@ def run_demo(
         "runs": {name: _run_summary(r) for name, r in runs.items()},
     }
     say("[bold]4/4[/] done")
-    (out / "demo.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "demo.json", json.dumps(report, indent=2))
     return report
