@@ -13,12 +13,17 @@ recipe stage trains (:func:`parameter_role`, :func:`set_trainable`).
 ``vision``     the vision front-end (``front.vision_embeddings``, ``front.pixel_shuffle_proj``)
 =============  ==============================================================================
 
-Which role trains in which stage, and why: docs/method.md.
+Which role trains in which stage, and why: docs/method.md. :func:`weight_decay_groups` is the
+one weight-decay policy of the optimisers: matrices decay, vectors (norms, biases) do not.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 ROLES = ("ssm", "qkv", "out_proj", "attention", "mlp", "norms", "embeddings", "vision")
 """Every role, in the order recipes list them."""
@@ -84,3 +89,26 @@ def set_trainable(model, roles: list[str]) -> dict[str, int]:
         if role in counts:
             counts[role] += param.numel()
     return counts
+
+
+def weight_decay_groups(
+    params: Iterable[torch.nn.Parameter], weight_decay: float
+) -> list[dict[str, object]]:
+    """AdamW parameter groups: matrices (2 or more dimensions) decay, vectors do not.
+
+    Embedding tables and the LM head are matrices, so they decay; norms, biases and other
+    vectors (``dt_bias``, ``A_log``, ``D``) do not.
+
+    Args:
+        params: The parameters to optimise.
+        weight_decay: Decay of the matrices.
+
+    Returns:
+        ``[{"params": matrices, "weight_decay": weight_decay}, {"params": vectors,
+        "weight_decay": 0.0}]``.
+    """
+    params = list(params)
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
