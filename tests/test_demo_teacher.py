@@ -22,11 +22,11 @@ from mmdistill.demo.teacher import (
     config_with_overrides,
     evaluate_answers,
     shipped_teacher,
-    to_hovle_state_dict,
     train_teacher,
     write_hovle_checkpoint,
 )
 from mmdistill.errors import TeacherError
+from mmdistill.teachers.hovle_export import to_hovle_state_dict
 from mmdistill.teachers.tiny_hovle import tiny_hovle_state_dict, write_tiny_hovle
 from mmdistill.tokenizer import load_tokenizer
 

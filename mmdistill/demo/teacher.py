@@ -1,7 +1,7 @@
 """The demo's embedded multimodal teacher: a small HoVLE-format model that knows its shapes.
 
 ``builtin:shapes-hovle`` is a genuine HoVLE-format directory (``config.json`` laid out as
-:func:`~mmdistill.teachers.tiny_hovle.write_tiny_hovle` writes it, HoVLE tensor names with the
+:func:`~mmdistill.teachers.hovle_export.hovle_config` writes it, HoVLE tensor names with the
 grouped ``wqkv``, an InternLM2-style sentencepiece tokenizer) holding a model of about 1.3M
 parameters trained from scratch on the procedural shape images of :mod:`mmdistill.data.synthetic`.
 It reads 56 px images as one tile: 4x4 patches of 14 px, pixel-shuffled into 4 image tokens, one
@@ -27,8 +27,9 @@ config, thread count and machine: bit-identical weights):
    optional); every step mixes them (never batches of one question kind). All image examples
    share their first tokens (BOS, the system turn, ``<|im_start|>user\\n<img>``): that prefix
    runs once per batch and each example continues from its cached keys and values;
-6. convert the weights to HoVLE's names (:func:`to_hovle_state_dict`, the inverse of the
-   adapter's rules) and write the directory.
+6. convert the weights to HoVLE's names
+   (:func:`~mmdistill.teachers.hovle_export.to_hovle_state_dict`, the inverse of the adapter's
+   rules) and write the directory.
 
 :func:`evaluate_answers` measures held-out accuracy (greedy, one question per prompt, as HoVLE's
 ``chat()`` asks it) for any HoVLE-front-end :class:`~mmdistill.model.DecoderLM`, students
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -50,7 +50,6 @@ from typing import Any
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..data.synthetic import (
@@ -72,13 +71,14 @@ from ..generation import generate
 from ..model import DecoderLM, LMConfig
 from ..teachers.builtin import SHAPES_HOVLE_DIR
 from ..teachers.hovle import HoVLEAdapter
-from ..teachers.tiny_hovle import (
-    TinyHoVLESizes,
-    _hovle_config,
-    _tokenizer_files,
-    _write_json,
-    pack_wqkv_grouped,
+from ..teachers.hovle_export import (
+    HoVLESizes,
+    hovle_config,
+    to_hovle_state_dict,
+    tokenizer_files,
     train_sentencepiece,
+    write_hovle_directory,
+    write_json,
 )
 from ..tokenizer import SentencePieceTokenizer, Tokenizer
 
@@ -92,9 +92,7 @@ __all__ = [
     "build_shapes_teacher",
     "config_with_overrides",
     "evaluate_answers",
-    "hovle_config",
     "shipped_teacher",
-    "to_hovle_state_dict",
     "train_teacher",
     "write_hovle_checkpoint",
 ]
@@ -191,9 +189,9 @@ class ShapesTeacherConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
 
-    def sizes(self) -> TinyHoVLESizes:
-        """The HoVLE sizes written into ``config.json`` (one tile per image)."""
-        return TinyHoVLESizes(
+    def sizes(self) -> HoVLESizes:
+        """The HoVLE sizes written into ``config.json`` (one tile per image, no thumbnail)."""
+        return HoVLESizes(
             hidden_size=self.hidden_size,
             num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads,
@@ -205,6 +203,8 @@ class ShapesTeacherConfig:
             tokenizer_vocab_size=self.tokenizer_vocab_size,
             llm_rope_scaling=None,
             max_dynamic_patch=1,
+            dynamic_image_size=False,
+            use_thumbnail=False,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,97 +245,6 @@ def config_with_overrides(
 
 
 # --------------------------------------------------------------------------------------------
-# HoVLE config and weight names
-# --------------------------------------------------------------------------------------------
-
-
-def hovle_config(cfg: ShapesTeacherConfig, llm_vocab_size: int, img_context_token_id: int) -> dict:
-    """``config.json`` of the teacher: the fixture's HoVLE layout, one tile per image."""
-    config = _hovle_config(cfg.sizes(), llm_vocab_size, img_context_token_id, {}, cfg.dtype)
-    config["dynamic_image_size"] = False
-    config["use_thumbnail"] = False
-    return config
-
-
-_LAYER_PARTS = {
-    "mixer.o_proj.weight": "attention.wo.weight",
-    "mlp.gate_proj.weight": "feed_forward.w1.weight",
-    "mlp.up_proj.weight": "feed_forward.w3.weight",
-    "mlp.down_proj.weight": "feed_forward.w2.weight",
-    "input_norm.weight": "attention_norm.weight",
-    "post_norm.weight": "ffn_norm.weight",
-}
-_FRONT = re.compile(
-    r"front\.((?:vision_embeddings|llm_text_embeddings|special_text_embeddings"
-    r"|pixel_shuffle_proj)\..+)"
-)
-_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
-_QKV = re.compile(r"mixer\.([qkv])_proj\.weight")
-
-
-def to_hovle_state_dict(model: DecoderLM) -> dict[str, Tensor]:
-    """The model's weights under HoVLE's names: the inverse of the HoVLE adapter's rules.
-
-    Flat layers ``0..E-1`` become ``embedding_model.encoder.{i}``, the rest
-    ``language_model.model.layers.{i - E}``; ``q/k/v_proj`` are fused into ``wqkv`` grouped per
-    KV head. HoVLE's unused ``language_model.model.tok_embeddings`` is written as a copy of the
-    text embeddings (the adapter drops it).
-
-    Args:
-        model: An all-attention, bias-free :class:`DecoderLM` with the HoVLE front-end and two
-            stacks (embedding module, LLM).
-
-    Returns:
-        ``{HoVLE key: tensor}`` (detached clones).
-
-    Raises:
-        ValueError: If the model is not shaped like a HoVLE teacher or a key has no HoVLE name.
-    """
-    config = model.config
-    if config.front_end.get("type") != "hovle" or len(config.stacks) != 2:
-        raise ValueError("to_hovle_state_dict needs a HoVLE-front-end model with two stacks")
-    if any(kind != "attention" for kind in config.layer_types):
-        raise ValueError("only all-attention (teacher) models have a HoVLE layout")
-    emb_stack, llm_stack = config.stacks
-    out: dict[str, Tensor] = {}
-    qkv: dict[int, dict[str, Tensor]] = {}
-    unknown = []
-    for key, tensor in model.state_dict().items():
-        tensor = tensor.detach().clone()
-        front, layer = _FRONT.fullmatch(key), _LAYER.fullmatch(key)
-        if front:
-            out[f"embedding_model.{front.group(1)}"] = tensor
-        elif key == "norm.weight":
-            out["language_model.model.norm.weight"] = tensor
-        elif key == "lm_head.weight":
-            out["language_model.output.weight"] = tensor
-        elif layer and _QKV.fullmatch(layer.group(2)):
-            qkv.setdefault(int(layer.group(1)), {})[layer.group(2)[6]] = tensor
-        elif layer and layer.group(2) in _LAYER_PARTS:
-            prefix = _hovle_layer_prefix(int(layer.group(1)), emb_stack.num_layers)
-            out[prefix + _LAYER_PARTS[layer.group(2)]] = tensor
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(f"weights without a HoVLE name: {sorted(unknown)}")
-    for i, parts in qkv.items():
-        stack = emb_stack if i < emb_stack.num_layers else llm_stack
-        prefix = _hovle_layer_prefix(i, emb_stack.num_layers)
-        out[prefix + "attention.wqkv.weight"] = pack_wqkv_grouped(
-            parts["q"], parts["k"], parts["v"], stack.num_kv_heads
-        )
-    text = out["embedding_model.llm_text_embeddings.weight"]
-    out["language_model.model.tok_embeddings.weight"] = text.clone()
-    return out
-
-
-def _hovle_layer_prefix(index: int, num_embedding_layers: int) -> str:
-    if index < num_embedding_layers:
-        return f"embedding_model.encoder.{index}."
-    return f"language_model.model.layers.{index - num_embedding_layers}."
-
-
-# --------------------------------------------------------------------------------------------
 # Data: examples rendered exactly as the model is prompted
 # --------------------------------------------------------------------------------------------
 
@@ -370,7 +279,7 @@ def _build_corpus(cfg: ShapesTeacherConfig) -> _Corpus:
             text = path.read_text(encoding="utf-8").splitlines()
     # The prompt text depends on the template and the image-token count, not on the vocabulary,
     # which does not exist yet: any placeholder ids give the same prompts.
-    prompt_config = HoVLEAdapter().lm_config(hovle_config(cfg, cfg.tokenizer_vocab_size, 0))
+    prompt_config = HoVLEAdapter().lm_config(hovle_config(cfg.sizes(), cfg.tokenizer_vocab_size, 0))
     caption_prompt = chat_prompt(prompt_config, CAPTION_PROMPT, [1])
     rendered: list[tuple[str, str, int | None, str]] = []
     for i, sample in enumerate(samples):
@@ -393,7 +302,7 @@ def _train_tokenizer(corpus: _Corpus, vocab_size: int, max_examples: int = 20000
 def _tokenizer_from_proto(proto: bytes) -> tuple[SentencePieceTokenizer, dict, dict]:
     """The project tokenizer over a serialised model, plus its two JSON files."""
     sp = spm.SentencePieceProcessor(model_proto=proto)
-    tokenizer_config, special_tokens_map = _tokenizer_files(sp, {})
+    tokenizer_config, special_tokens_map = tokenizer_files(sp)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tokenizer.model"
         path.write_bytes(proto)
@@ -673,7 +582,12 @@ def train_teacher(
     corpus = _build_corpus(cfg)
     proto = _train_tokenizer(corpus, cfg.tokenizer_vocab_size)
     tokenizer, _, _ = _tokenizer_from_proto(proto)
-    hf_config = hovle_config(cfg, tokenizer.vocab_size, tokenizer.token_to_id(IMG_CONTEXT_TOKEN))
+    hf_config = hovle_config(
+        cfg.sizes(),
+        tokenizer.vocab_size,
+        tokenizer.token_to_id(IMG_CONTEXT_TOKEN),
+        torch_dtype=cfg.dtype,
+    )
     model = _build_model(hf_config, cfg.seed).to(device)
     examples = _tokenize(corpus, tokenizer)
     pixels = torch.cat([prepare_images(model.config, [s.image])[0] for s in corpus.samples])
@@ -748,28 +662,10 @@ def train_teacher(
 
 
 def write_hovle_checkpoint(trained: TrainedTeacher, directory: str | Path) -> Path:
-    """Write ``trained`` as a HoVLE-format directory (weights in ``trained.config.dtype``).
-
-    Files: ``config.json``, ``generation_config.json``, ``model.safetensors``,
-    ``tokenizer.model``, ``tokenizer_config.json``, ``special_tokens_map.json``.
-    """
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``trained`` as a HoVLE-format directory (weights in ``trained.config.dtype``)."""
     dtype = getattr(torch, trained.config.dtype)
-    tensors = {
-        k: v.to("cpu", dtype).contiguous() for k, v in to_hovle_state_dict(trained.model).items()
-    }
-    _, tokenizer_config, special_tokens_map = _tokenizer_from_proto(trained.tokenizer_model)
-    (out / "tokenizer.model").write_bytes(trained.tokenizer_model)
-    _write_json(out / "tokenizer_config.json", tokenizer_config)
-    _write_json(out / "special_tokens_map.json", special_tokens_map)
-    _write_json(out / "config.json", trained.hf_config)
-    _write_json(
-        out / "generation_config.json",
-        {"_from_model_config": True, "transformers_version": "4.37.2"},
-    )
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    tensors = {k: v.to("cpu", dtype) for k, v in to_hovle_state_dict(trained.model).items()}
+    return write_hovle_directory(directory, trained.hf_config, tensors, trained.tokenizer_model)
 
 
 def build_shapes_teacher(
@@ -800,7 +696,7 @@ def build_shapes_teacher(
         "threads": torch.get_num_threads(),
         "weights_sha256": sha256_file(out / "model.safetensors"),
     }
-    _write_json(out / RECORD_NAME, record)
+    write_json(out / RECORD_NAME, record)
     return record
 
 
