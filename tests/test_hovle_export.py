@@ -6,12 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import sentencepiece as spm
 import torch
 from safetensors.torch import load_file
 
 import mmdistill
 from mmdistill.seeding import seed
-from mmdistill.teachers.hovle_export import to_hovle_state_dict, write_hovle_directory
+from mmdistill.teachers.hovle_export import (
+    to_hovle_state_dict,
+    train_sentencepiece,
+    write_hovle_directory,
+)
 from mmdistill.teachers.tiny_hovle import write_tiny_hovle
 
 
@@ -57,3 +62,19 @@ def test_students_have_no_hovle_layout(fixture_dir):
     student = seed(mmdistill.load_teacher(str(fixture_dir)), attention_layers="every:2")
     with pytest.raises(ValueError, match="all-attention"):
         to_hovle_state_dict(student)
+
+
+def test_space_after_newline_tokenizer_makes_answers_prefix_stable_words():
+    """A word after a newline is the same token as inside a sentence, a text ending in a newline
+    tokenises as a prefix of the text plus its continuation, and the model bytes are a function
+    of the training text alone."""
+    lines = ["<|im_start|>assistant\nred<|im_end|>", "a large red circle.", "2 red, 3 blue"] * 40
+    model = train_sentencepiece(lines, 300, space_after_newline=True)
+    assert train_sentencepiece(lines, 300, space_after_newline=True) == model
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    prompt = "<|im_start|>assistant\n"
+    for answer in ("red", "2"):
+        full = sp.encode(prompt + answer + "<|im_end|>")
+        head = sp.encode(prompt)
+        assert full[: len(head)] == head
+        assert full[len(head) : -1] == sp.encode(" " + answer)

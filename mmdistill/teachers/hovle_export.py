@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -371,42 +372,105 @@ def hovle_config(
 
 
 def train_sentencepiece(
-    lines: Sequence[str], vocab_size: int, atomic_symbols: Sequence[str] = ()
+    lines: Sequence[str], vocab_size: int, space_after_newline: bool = False
 ) -> bytes:
     """Train an InternLM2-style BPE sentencepiece model in memory.
 
-    unk 0, bos 1, eos 2, then :data:`SPECIAL_TOKENS` and ``atomic_symbols`` as user-defined
-    symbols (always one token, never merged with their neighbours); byte fallback, no
+    unk 0, bos 1, eos 2, then :data:`SPECIAL_TOKENS` as user-defined symbols; byte fallback, no
     normalisation.
 
     Args:
         lines: Training text.
         vocab_size: Target vocabulary (a soft limit).
-        atomic_symbols: More strings to keep as single tokens (e.g. ``"\\n"``, so that a prompt
-            ending in a newline tokenises as a prefix of the prompt plus its answer).
+        space_after_newline: Normalise every newline to a newline and a space, so a word after a
+            newline starts a sentencepiece word (``\nred`` is ``\n``, ``▁red``: the same token
+            as ``red`` inside a sentence), and text ending in a newline tokenises as a prefix of
+            that text plus what follows. Decoding then shows a space after each newline.
 
     Returns:
         The serialised model.
     """
     buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=buffer,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        user_defined_symbols=[*SPECIAL_TOKENS, *atomic_symbols],
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        num_threads=1,
-        minloglevel=2,
-    )
-    return buffer.getvalue()
+    with tempfile.TemporaryDirectory() as tmp:
+        if space_after_newline:
+            rules = Path(tmp) / "rules.tsv"
+            rules.write_text("A\tA 20\n")  # code points in hex: U+000A -> U+000A U+0020
+            normalization = {"normalization_rule_tsv": str(rules)}
+        else:
+            normalization = {"normalization_rule_name": "identity"}
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=buffer,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            user_defined_symbols=list(SPECIAL_TOKENS),
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            byte_fallback=True,
+            character_coverage=1.0,
+            num_threads=1,
+            minloglevel=2,
+            **normalization,
+        )
+    return _without_rule_path(buffer.getvalue())
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[i]
+        value |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            return value, i
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _proto_fields(data: bytes) -> list[tuple[int, bytes, bytes]]:
+    """``(field number, key bytes, value bytes)`` of a serialised protobuf message, in order."""
+    fields, i = [], 0
+    while i < len(data):
+        start = i
+        key, i = _read_varint(data, i)
+        wire = key & 7
+        if wire == 0:
+            _, end = _read_varint(data, i)
+        elif wire == 2:
+            length, i = _read_varint(data, i)
+            end = i + length
+        else:
+            end = i + {1: 8, 5: 4}[wire]
+        fields.append((key >> 3, data[start:i], data[i:end]))
+        i = end
+    return fields
+
+
+def _without_rule_path(model: bytes) -> bytes:
+    """``model`` without ``normalizer_spec.normalization_rule_tsv``.
+
+    That field (ModelProto field 3, NormalizerSpec field 6) holds the path of the rules file read
+    during training, a temporary name; tokenisation uses only the compiled rules
+    (``precompiled_charsmap``). Dropping it keeps the model a function of its training text.
+    """
+    out = bytearray()
+    for number, key, value in _proto_fields(model):
+        if number == 3:
+            inner = b"".join(k + v for n, k, v in _proto_fields(value) if n != 6)
+            out += bytes([key[0]]) + _varint(len(inner)) + inner
+        else:
+            out += key + value
+    return bytes(out)
 
 
 def _token_entry(content: str) -> dict[str, Any]:
