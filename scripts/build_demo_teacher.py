@@ -29,6 +29,7 @@ from mmdistill.data.synthetic import generate_samples, majority_baseline_accurac
 from mmdistill.demo.teacher import RECORD_NAME, evaluate_answers
 from mmdistill.demo.teacher_builder import build_shapes_teacher
 from mmdistill.demo.teacher_config import config_with_overrides
+from mmdistill.errors import TeacherError
 from mmdistill.tokenizer import load_tokenizer
 
 
@@ -43,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = config_with_overrides(args.set)
+    try:
+        cfg = config_with_overrides(args.set)
+    except TeacherError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
