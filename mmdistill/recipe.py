@@ -464,7 +464,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _format_errors(error: ValidationError) -> str:
+def format_errors(error: ValidationError) -> str:
+    """Every problem of ``error`` as ``key.path: message``, joined by ``"; "``."""
     lines = []
     for e in error.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(recipe)"
@@ -496,7 +497,7 @@ def validate_recipe(data: Any, origin: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(f"{origin}: {_format_errors(exc)}") from None
+        raise RecipeError(f"{origin}: {format_errors(exc)}") from None
 
 
 def read_recipe_file(path: str | Path) -> dict:

@@ -1,16 +1,17 @@
 """Build the demo teacher (``builtin:shapes-hovle``) into a directory and measure it.
 
-Trains the small HoVLE-format shapes teacher (:mod:`mmdistill.demo.teacher`), writes it, loads it
+Trains the small HoVLE-format shapes teacher (:mod:`mmdistill.demo.teacher_builder`), writes it, loads it
 back through ``mmdistill.load_teacher`` (the HoVLE path) and reports its held-out answer accuracy
 (greedy, one question at a time, per question kind) next to the question-only majority baseline;
 the results are added to the directory's ``shapes_teacher.json``::
 
     python scripts/build_demo_teacher.py --out runs/shapes-hovle --threads 2
     python scripts/build_demo_teacher.py --out mmdistill/assets/shapes_hovle --threads 2  # shipped
-    python scripts/build_demo_teacher.py --out /tmp/t --set steps=50 --json
+    python scripts/build_demo_teacher.py --out /tmp/t --set steps=50 --set schedule.warmup_steps=5 --json
 
-``--set key=value`` overrides a :class:`~mmdistill.demo.teacher.ShapesTeacherConfig` field
-(comma-separated pairs also work; lists such as ``kinds`` use ``|``).
+``--set key=value`` (repeatable) overrides a
+:class:`~mmdistill.demo.teacher_config.ShapesTeacherConfig` field in the recipes' dotlist syntax:
+dotted keys for nested settings, YAML values (``--set kinds=[count,size]``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ import torch
 import mmdistill
 from mmdistill.data.synthetic import generate_samples, majority_baseline_accuracy
 from mmdistill.demo.questions import evaluate_answers
-from mmdistill.demo.teacher import RECORD_NAME, build_shapes_teacher, config_with_overrides
+from mmdistill.demo.teacher import RECORD_NAME
+from mmdistill.demo.teacher_builder import build_shapes_teacher
+from mmdistill.demo.teacher_config import config_with_overrides
+from mmdistill.errors import TeacherError
 from mmdistill.tokenizer import load_tokenizer
 
 
@@ -41,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = config_with_overrides(",".join(args.set))
+    try:
+        cfg = config_with_overrides(args.set)
+    except TeacherError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

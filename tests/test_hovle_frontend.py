@@ -37,7 +37,8 @@ from mmdistill.frontends.hovle_vision import (
     num_image_tokens,
     pixel_shuffle,
 )
-from mmdistill.teachers.tiny_hovle import pack_wqkv_grouped, write_tiny_hovle
+from mmdistill.teachers.hovle_export import pack_wqkv_grouped
+from mmdistill.teachers.tiny_hovle import write_tiny_hovle
 
 # ----------------------------------------------------------------------------- pixel shuffle
 

@@ -51,32 +51,18 @@ def lr_multiplier(spec: ScheduleSpec, total: int) -> Callable[[int], float]:
     return multiplier
 
 
-def is_embedding_table(name: str) -> bool:
-    """Whether parameter ``name`` is an embedding table (its module's name or its own name says so).
-
-    Args:
-        name: A parameter name, as ``named_parameters`` gives it.
-    """
-    parts = name.split(".")
-    owner = parts[-2] if len(parts) > 1 else ""
-    return "embedding" in owner or name.endswith("embedding")
-
-
-def param_groups(
-    model: nn.Module, weight_decay: float, decay_embeddings: bool = True
-) -> list[dict]:
-    """AdamW parameter groups: weight decay on matrices only.
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices only. The one policy of every optimiser
+    in the package (the distillation stages and the demo teacher's builder).
 
     No-decay policy: parameters with fewer than two dimensions (norm weights, biases and the
-    mixers' per-channel vectors such as ``A_log``, ``D`` and ``dt_bias``) never decay; with
-    ``decay_embeddings=False`` neither do embedding tables (:func:`is_embedding_table`). Frozen
-    parameters (``requires_grad`` false) are left out. Parameters keep their module order.
+    mixers' per-channel vectors such as ``A_log``, ``D`` and ``dt_bias``) never decay; matrices,
+    embedding tables and the LM head included, do. Frozen parameters (``requires_grad`` false)
+    are left out. Parameters keep their module order.
 
     Args:
         model: The model being trained.
         weight_decay: AdamW weight decay of the decayed group.
-        decay_embeddings: Whether embedding tables decay (the distillation stages: yes, as the
-            recipe documents; the demo teacher's builder: no).
 
     Returns:
         ``[{"params": decayed, "weight_decay": weight_decay}, {"params": rest,
@@ -84,11 +70,10 @@ def param_groups(
     """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
-        table = not decay_embeddings and is_embedding_table(name)
-        (no_decay if param.ndim < 2 or table else decay).append(param)
+        (no_decay if param.ndim < 2 else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
