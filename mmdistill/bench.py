@@ -146,7 +146,7 @@ def candidates_for(
     teacher: DecoderLM | None,
     students: list[tuple[str, DecoderLM]],
     options: RowOptions,
-    note: Callable[[str], None] = print,
+    note: Callable[[str], None] | None = None,
 ) -> list[Candidate]:
     """The rows of a run: the teacher's (unless ``None``), then each student's.
 
@@ -163,7 +163,8 @@ def candidates_for(
         rows.append(Candidate(f"{name} (static KV)", role, model, "static", chunk))
         windowed = any(stack.sliding_window is not None for stack in model.config.stacks)
         if options.cuda_graph and windowed:
-            note(f"{name}: no graph row (GraphDecoder has no sliding-window attention)")
+            if note is not None:
+                note(f"{name}: no graph row (GraphDecoder has no sliding-window attention)")
         elif options.cuda_graph:
             rows.append(
                 Candidate(

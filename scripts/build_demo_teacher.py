@@ -31,6 +31,7 @@ from mmdistill.demo.teacher import RECORD_NAME
 from mmdistill.demo.teacher_builder import build_shapes_teacher
 from mmdistill.demo.teacher_config import config_with_overrides
 from mmdistill.errors import TeacherError
+from mmdistill.teachers.hovle_export import write_json
 from mmdistill.tokenizer import load_tokenizer
 
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     record_path = args.out / RECORD_NAME
     record = json.loads(record_path.read_text())
     record["heldout"] = {k: v for k, v in report.items() if k != "directory"}
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(record_path, record)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
