@@ -2,7 +2,10 @@
 
 A directory holds ``config.json`` (the full :class:`~mmdistill.lm_config.LMConfig`: layout, mixer
 settings, the teacher's own config and provenance), ``model.safetensors`` (or shards with an
-index), ``generation_config.json`` and the teacher's tokenizer/processor files. It is written to a
+index), ``generation_config.json`` and the teacher's tokenizer/processor files. A student with
+an image vocabulary also has the t2i layout tokens in its tokenizer files; one with task LoRA
+adapters keeps them in ``model.safetensors`` (what :func:`~mmdistill.model.load_student` reads)
+and, for peft users, under ``adapters/NAME/`` in peft's layout. It is written to a
 temporary name and renamed when complete. :func:`mmdistill.model.load_student` reads one back.
 """
 
@@ -14,7 +17,10 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .files import TOKENIZER_FILES, atomic_directory, save_sharded
+from .image_vocab import LAYOUT_TOKENS
 from .lm_config import LMConfig
+from .task_lora import LoraSpec, save_adapters
+from .tokenizer import add_tokens_to_files
 from .version import __version__
 
 MODEL_TYPE = "mmdistill"
@@ -57,6 +63,10 @@ def save_pretrained(
             for name in TOKENIZER_FILES:
                 if (Path(source) / name).exists():
                     shutil.copy2(Path(source) / name, tmp / name)
+        if model.config.image_vocab is not None:
+            add_tokens_to_files(tmp, LAYOUT_TOKENS, model.config.vocab_size)
+        if model.config.lora is not None:
+            save_adapters(model, LoraSpec.from_dict(model.config.lora), tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return directory

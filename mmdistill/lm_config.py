@@ -25,6 +25,9 @@ class LMConfig:
         bos_token_id, eos_token_id, pad_token_id: special ids (eos may be a list).
         chat_template: Jinja or named template for chat prompts, if the teacher has one.
         teacher: provenance (source, architecture, weight hashes, the teacher's own config).
+        image_vocab: the image vocabulary for text-to-image generation
+            (:class:`~mmdistill.image_vocab.ImageVocabSpec` as a dict), or ``None``.
+        lora: the task adapters (:class:`~mmdistill.task_lora.LoraSpec` as a dict), or ``None``.
         version: the mmdistill version that wrote the config.
     """
 
@@ -41,6 +44,8 @@ class LMConfig:
     pad_token_id: int | None = None
     chat_template: str | None = None
     teacher: dict = field(default_factory=dict)
+    image_vocab: dict | None = None
+    lora: dict | None = None
     version: str = ""
 
     def __post_init__(self) -> None:

@@ -266,6 +266,8 @@ class Mamba2Mixer(nn.Module):
         and benchmarks on CUDA: on CPU the shared storage would stop safetensors from saving.
         """
         mods = self._in_modules()
+        if any(hasattr(m, "base_layer") for m in mods):
+            return  # LoRA adapters: each projection runs its own forward (_packed_in_proj)
         weight = torch.cat([m.weight for m in mods])
         bias = None
         if self.config.qkv_bias:
@@ -290,8 +292,14 @@ class Mamba2Mixer(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _packed_in_proj(self, u: torch.Tensor) -> torch.Tensor:
-        """``[b, l, h*p + conv_dim + h]`` = ``u`` through all five projections in one GEMM."""
+        """``[b, l, h*p + conv_dim + h]`` = ``u`` through all five projections in one GEMM.
+
+        With LoRA adapters on the projections (:mod:`mmdistill.task_lora`) each projection runs
+        its own forward, so the active adapter applies.
+        """
         mods = self._in_modules()
+        if any(hasattr(m, "base_layer") for m in mods):
+            return torch.cat([m(u) for m in mods], dim=-1)
         weight, bias = self._packed_weight, self._packed_bias
         needs_grad = torch.is_grad_enabled() and any(m.weight.requires_grad for m in mods)
         if weight is None or needs_grad:

@@ -23,7 +23,9 @@ from .errors import CheckpointError
 from .files import read_safetensors
 from .frontends import front_end_class
 from .generation import generate
+from .image_vocab import ImageVocabSpec, ImageVocabulary
 from .lm_config import LMConfig
+from .task_lora import LoraSpec, add_adapters, use_adapter
 
 
 class LMCache:
@@ -142,6 +144,13 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.front.token_embeddings().weight
+        self.image_vocab = None
+        if config.image_vocab is not None:
+            spec = ImageVocabSpec.from_dict(config.image_vocab)
+            self.image_vocab = ImageVocabulary(spec, config.hidden_size)
+        if config.lora is not None:
+            add_adapters(self, LoraSpec.from_dict(config.lora))
+        self.task: str | None = None
         self.gradient_checkpointing = False
         self._stack_ids = stack_ids
         firsts = [sum(s.num_layers for s in config.stacks[:k]) for k in range(len(config.stacks))]
@@ -171,10 +180,49 @@ class DecoderLM(nn.Module):
     def mixer_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.config.layer_types) if t == "mamba"]
 
+    def use_task(self, task: str) -> None:
+        """Run as ``task`` (``mmu`` or ``t2i``): activates its LoRA adapter, if the model has any."""
+        if self.config.lora is not None:
+            use_adapter(self, LoraSpec.from_dict(self.config.lora).adapter_for(task))
+        self.task = task
+
     def embed(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.front(input_ids, pixel_values)
+        """Input embeddings; ids past the text vocabulary (t2i layout tokens and image codes) go
+        through the image vocabulary. ``image_positions`` gives each code's raster index (default:
+        codes counted from the start of each row)."""
+        if self.image_vocab is None:
+            return self.front(input_ids, pixel_values)
+        text_vocab = self.image_vocab.spec.text_vocab_size
+        is_text = input_ids < text_vocab
+        x = self.front(input_ids.where(is_text, 0), pixel_values)
+        if bool(is_text.all()):
+            return x
+        if image_positions is None:
+            is_code = input_ids >= self.image_vocab.spec.code_offset
+            image_positions = is_code.long().cumsum(-1) - 1
+        image = self.image_vocab.embed_tokens(input_ids, image_positions).to(x.dtype)
+        return torch.where(is_text[..., None], x, image)
+
+    def head_logits(self, hidden: torch.Tensor, head: str = "text") -> torch.Tensor:
+        """Logits of ``hidden`` from the ``text`` head (the LM head) or the ``image`` head.
+
+        With a shared vocabulary both heads are the one joint head (text rows, then code rows).
+        """
+        if head not in ("text", "image"):
+            raise ValueError(f"head must be 'text' or 'image'; got {head!r}")
+        vocab = self.image_vocab
+        if vocab is None:
+            if head == "image":
+                raise ValueError("this model has no image vocabulary")
+            return self.lm_head(hidden)
+        if vocab.spec.mode == "shared":
+            return torch.cat([self.lm_head(hidden), vocab.head(hidden)], dim=-1)
+        return vocab.head(hidden) if head == "image" else self.lm_head(hidden)
 
     def forward(
         self,
@@ -188,6 +236,7 @@ class DecoderLM(nn.Module):
         layer_range: tuple[int, int] | None = None,
         compute_logits: bool = True,
         logits_slice: slice | None = None,
+        head: str = "text",
     ) -> LMOutput:
         """Run the model.
 
@@ -203,6 +252,7 @@ class DecoderLM(nn.Module):
             compute_logits: skip the LM head when False.
             logits_slice: apply the LM head to ``hidden[:, logits_slice]`` only (e.g. the last
                 token during generation).
+            head: ``text`` (the LM head) or ``image`` (see :meth:`head_logits`).
 
         Returns:
             :class:`LMOutput`.
@@ -278,7 +328,8 @@ class DecoderLM(nn.Module):
         if stop == len(self.layers):
             last = self.norm(x)
             if compute_logits:
-                logits = self.lm_head(last if logits_slice is None else last[:, logits_slice])
+                kept = last if logits_slice is None else last[:, logits_slice]
+                logits = self.head_logits(kept, head)
         return LMOutput(
             logits=logits,
             cache=cache,

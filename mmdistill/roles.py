@@ -11,6 +11,11 @@ recipe stage trains (:func:`parameter_role`, :func:`set_trainable`).
 ``norms``      every RMSNorm (per layer and final)
 ``embeddings`` text embedding tables (``front.``) and the LM head
 ``vision``     the vision front-end (``front.vision_embeddings``, ``front.pixel_shuffle_proj``)
+``image_embeddings``  the image vocabulary's inputs: code and layout-token embeddings, code
+               positions, the projector (``image_vocab.{embed,layout,position,projector}``)
+``image_head`` the image head (``image_vocab.head``)
+``lora``       task LoRA adapters on the mixers' input projections (``...lora_A/lora_B...``);
+               a stage trains the adapters of its own task(s) only
 =============  ==============================================================================
 
 Which role trains in which stage, and why: docs/method.md.
@@ -20,7 +25,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-ROLES = ("ssm", "qkv", "out_proj", "attention", "mlp", "norms", "embeddings", "vision")
+ROLES = (
+    "ssm",
+    "qkv",
+    "out_proj",
+    "attention",
+    "mlp",
+    "norms",
+    "embeddings",
+    "vision",
+    "image_embeddings",
+    "image_head",
+    "lora",
+)
 """Every role, in the order recipes list them."""
 MIXER_ROLES = ("ssm", "qkv", "out_proj")
 """The roles of a converted layer's Mamba-2 mixer."""
@@ -44,6 +61,10 @@ def parameter_role(name: str) -> str:
     """
     parts = name.split(".")
     head = parts[0]
+    if "lora_A" in parts or "lora_B" in parts:
+        return "lora"
+    if head == "image_vocab" and len(parts) > 1:
+        return "image_head" if parts[1] == "head" else "image_embeddings"
     if head == "front" and len(parts) > 1:
         if parts[1] in VISION_MODULES:
             return "vision"

@@ -8,6 +8,7 @@ read directly with sentencepiece, so no remote code runs. Both expose the same m
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -177,3 +178,30 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     if (directory / "tokenizer.model").exists():
         return SentencePieceTokenizer(directory / "tokenizer.model", config)
     raise CheckpointError(f"no tokenizer files in {directory}")
+
+
+def add_tokens_to_files(directory: str | Path, tokens: Sequence[str], first_id: int) -> None:
+    """Register ``tokens`` as special tokens with ids ``first_id, first_id + 1, ...`` in the
+    tokenizer files of ``directory`` (``tokenizer_config.json`` and, if present,
+    ``tokenizer.json``), so that ``load_tokenizer`` encodes and decodes them as single ids."""
+    directory = Path(directory)
+    entries = {
+        str(first_id + i): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i, token in enumerate(tokens)
+    }
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config.setdefault("added_tokens_decoder", {}).update(entries)
+    config_path.write_text(json.dumps(config, indent=2))
+    fast_path = directory / "tokenizer.json"
+    if fast_path.exists():
+        fast = json.loads(fast_path.read_text())
+        fast.setdefault("added_tokens", []).extend({"id": int(k), **v} for k, v in entries.items())
+        fast_path.write_text(json.dumps(fast))
