@@ -48,8 +48,10 @@ def prefill(
     attention_mask: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    head: str = "text",
 ) -> torch.Tensor:
-    """Feed a prompt into ``cache``; returns the last position's logits ``[b, vocab]``."""
+    """Feed a prompt into ``cache``; returns the last position's logits ``[b, vocab]`` from
+    ``head`` (``text`` or ``image``: :meth:`~mmdistill.model.DecoderLM.head_logits`)."""
     if inputs_embeds is None:
         inputs_embeds = model.embed(input_ids, pixel_values)
     length = inputs_embeds.shape[1]
@@ -63,6 +65,7 @@ def prefill(
             attention_mask=mask,
             cache=cache,
             logits_slice=slice(-1, None),
+            head=head,
         )
         logits = out.logits[:, -1]
     return logits

@@ -13,6 +13,10 @@ token at that position and attends over the whole buffer with the positions past
 (:func:`mmdistill.kernels.attention.decode_attention`). Hybrids therefore replay too, for
 prompts without padding and stacks without a sliding window.
 
+A captured step bakes in the task adapter active at capture (a student with task LoRA,
+:mod:`mmdistill.task_lora`): the decoder remembers that task and refuses to replay once the model
+runs another one, rather than replaying the wrong adapter's graph.
+
 Usage::
 
     decoder = GraphDecoder(model, batch=1)            # warm-up and capture (state is then reset)
@@ -80,6 +84,7 @@ class GraphDecoder:
         if model.device.type != "cuda":
             raise ValueError("GraphDecoder needs a model on a CUDA device")
         self.model = model
+        self.task = model.task
         for layer in model.layers:
             if hasattr(layer.mixer, "pack_projections"):
                 layer.mixer.pack_projections()
@@ -171,7 +176,16 @@ class GraphDecoder:
 
     def replay(self) -> torch.Tensor:
         """Run one captured step: consumes :attr:`tokens`, refreshes :attr:`logits` and
-        :attr:`tokens` (the argmax). Returns :attr:`logits`."""
+        :attr:`tokens` (the argmax). Returns :attr:`logits`.
+
+        Raises:
+            ValueError: the model now runs another task than the one captured.
+        """
+        if self.model.task != self.task:
+            raise ValueError(
+                f"this decode graph was captured for task {self.task!r}, but the model now runs "
+                f"{self.model.task!r}; capture one GraphDecoder per task"
+            )
         for state in self._kv_states:
             state.check_room(1)  # inside the graph an overflow would be a device-side fault
         self.graph.replay()

@@ -38,6 +38,8 @@ from .mixer import MixerConfig
 from .roles import MIXER_ROLES, Role
 
 BUILTIN_DATA = ("builtin:shapes", "builtin:shapes/eval", "builtin:shapes/text")
+BUILTIN_CAPTIONS = ("builtin:shapes-t2i", "builtin:shapes-t2i/heldout")
+STAGE_TASKS = ("distill", "mmu", "t2i", "both")
 
 
 class _Strict(BaseModel):
@@ -117,8 +119,9 @@ class DataSource(_Strict):
     @field_validator("source")
     @classmethod
     def _source(cls, value: str):
-        if value.startswith("builtin:") and value not in BUILTIN_DATA:
-            raise ValueError(f"unknown built-in data {value!r}; known: {', '.join(BUILTIN_DATA)}")
+        known = (*BUILTIN_DATA, *BUILTIN_CAPTIONS)
+        if value.startswith("builtin:") and value not in known:
+            raise ValueError(f"unknown built-in data {value!r}; known: {', '.join(known)}")
         if not value.startswith("builtin:") and Path(value).suffix not in (".txt", ".jsonl"):
             raise ValueError(f"{value!r}: data files must end in .txt or .jsonl")
         return value
@@ -208,6 +211,60 @@ class ScheduleSpec(_Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
 
 
+class TaskRatio(_Strict):
+    """Rows of each task per micro-step of a ``both`` stage."""
+
+    mmu: int = Field(ge=0)
+    t2i: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _some_rows(self):
+        if self.mmu + self.t2i == 0:
+            raise ValueError("task_ratio is 0:0; give at least one task rows (OmniMamba: 3:48)")
+        return self
+
+
+class LoraOptions(_Strict):
+    """Task LoRA adapters (:class:`~mmdistill.task_lora.LoraSpec`): OmniMamba's r 8, alpha 32,
+    dropout 0.05; ``shared: true`` uses one adapter for both tasks (an ablation)."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    shared: bool = False
+
+
+class OmniSpec(_Strict):
+    """What OmniMamba stages (``task`` mmu/t2i/both) add to the student and train on.
+
+    Attributes:
+        image_tokenizer: ``builtin:shapes-vq``, a saved image tokenizer directory, or a LlamaGen
+            VQ checkpoint file (``.safetensors``/``.pt``) with ``image_tokenizer_config`` sizes.
+        image_tokenizer_config: :class:`~mmdistill.image_tokenizer.VQConfig` fields for a
+            LlamaGen checkpoint file (default: VQ-16).
+        vocabulary: ``decoupled`` (own image embeddings and head) or ``shared`` (one joint
+            vocabulary and head, an ablation).
+        image_embed_dim: width of the code embeddings before the projector.
+        lora: see :class:`LoraOptions`.
+        t2i: caption sources (``{"image", "caption"}`` JSONL, or ``builtin:shapes-t2i``); the
+            mmu task trains on ``data.train``.
+        caption_dropout: probability of dropping a caption in training (for classifier-free
+            guidance).
+        max_caption_tokens: caption tokens kept (OmniMamba: 68).
+        cache_dir: where encoded captions are cached (default: the mmdistill cache).
+    """
+
+    image_tokenizer: str = "builtin:shapes-vq"
+    image_tokenizer_config: dict[str, Any] | None = None
+    vocabulary: Literal["decoupled", "shared"] = "decoupled"
+    image_embed_dim: int = Field(256, ge=1)
+    lora: LoraOptions = Field(default_factory=LoraOptions)
+    t2i: list[DataSource] = Field(min_length=1)
+    caption_dropout: float = Field(0.1, ge=0, lt=1)
+    max_caption_tokens: int = Field(68, ge=1)
+    cache_dir: str | None = None
+
+
 class StageSpec(_Strict):
     """One training stage.
 
@@ -223,10 +280,18 @@ class StageSpec(_Strict):
         batch_size: sequences per process per micro-step.
         grad_accum: micro-steps per optimiser step.
         clip_grad: gradient-norm clipping threshold (``None``: no clipping).
+        task: ``distill`` (the default: a distillation stage with ``loss``), or an OmniMamba
+            stage (needs the recipe's ``omni`` section): ``mmu`` or ``t2i`` alone, or ``both``
+            with ``task_ratio`` rows of each task per micro-step. A task stage's loss is each
+            task's cross-entropy, summed (:mod:`mmdistill.omni_objective`); its ``lora`` role
+            means the adapters of its own task(s).
+        task_ratio: rows per micro-step of each task in a ``both`` stage (OmniMamba: mmu 3,
+            t2i 48); replaces ``batch_size`` there.
     """
 
     name: str = Field(min_length=1)
-    loss: LossSpec
+    task: Literal[STAGE_TASKS] = "distill"
+    loss: LossSpec | None = None
     trainable: list[Role] = Field(min_length=1)
     lr: float = Field(gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -238,6 +303,28 @@ class StageSpec(_Strict):
     batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(1, ge=1)
     clip_grad: float | None = Field(1.0, gt=0)
+    task_ratio: TaskRatio | None = None
+
+    @model_validator(mode="after")
+    def _task(self):
+        if self.task == "distill" and self.loss is None:
+            raise ValueError("a distillation stage needs a loss (e.g. loss: {kl_weight: 1.0})")
+        if self.task != "distill" and self.loss is not None:
+            raise ValueError(
+                f"a {self.task} stage's loss is fixed (each task's cross-entropy); remove 'loss'"
+            )
+        if (self.task == "both") != (self.task_ratio is not None):
+            raise ValueError("give task_ratio (e.g. {mmu: 3, t2i: 48}) exactly for task: both")
+        return self
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The OmniMamba tasks this stage trains (none for a distillation stage)."""
+        return {"distill": (), "mmu": ("mmu",), "t2i": ("t2i",), "both": ("mmu", "t2i")}[self.task]
+
+    def rows(self, task: str) -> int:
+        """Rows of ``task`` per micro-step."""
+        return getattr(self.task_ratio, task) if self.task_ratio is not None else self.batch_size
 
     @field_validator("name")
     @classmethod
@@ -252,6 +339,8 @@ class StageSpec(_Strict):
         if len(set(value)) != len(value):
             raise ValueError(f"roles listed twice: {value}")
         loss = info.data.get("loss")
+        if info.data.get("task", "distill") != "distill":
+            return value
         if loss is not None and loss.layerwise:
             extra = [r for r in value if r not in MIXER_ROLES]
             if extra:
@@ -330,7 +419,10 @@ class Recipe(_Strict):
     Attributes:
         name: label of the run.
         teacher: ``builtin:NAME``, an alias (``hovle``), a model directory, a ``.gguf`` file or
-            a hub id.
+            a hub id; or leave it out and give ``student_dir``.
+        student_dir: start from this saved student instead of seeding one from a teacher
+            (only task stages can run then: distillation needs the teacher).
+        omni: see :class:`OmniSpec` (needed by task stages).
         teacher_dtype: dtype the frozen teacher is held in (default: float32 with
             ``precision: fp32``, else bfloat16).
         student: see :class:`StudentSpec`.
@@ -348,7 +440,8 @@ class Recipe(_Strict):
     """
 
     name: str = "distill"
-    teacher: str = Field(min_length=1)
+    teacher: str | None = Field(None, min_length=1)
+    student_dir: str | None = Field(None, min_length=1)
     teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     student: StudentSpec = Field(default_factory=StudentSpec)
     data: DataSpec
@@ -360,6 +453,19 @@ class Recipe(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     output_dir: str = Field(min_length=1)
     seed: int = 0
+    omni: OmniSpec | None = None
+
+    @model_validator(mode="after")
+    def _start(self):
+        if (self.teacher is None) == (self.student_dir is None):
+            raise ValueError("give exactly one of 'teacher' (seed a student) and 'student_dir'")
+        distill = [s.name for s in self.stages if s.task == "distill"]
+        if self.student_dir is not None and distill:
+            raise ValueError(f"stages {distill} distil from a teacher; this recipe has none")
+        tasks = [s.name for s in self.stages if s.task != "distill"]
+        if tasks and self.omni is None:
+            raise ValueError(f"stages {tasks} train OmniMamba tasks; add an 'omni' section")
+        return self
 
     @model_validator(mode="after")
     def _unique_stage_names(self):
@@ -378,12 +484,17 @@ class Recipe(_Strict):
     def missing_files(self) -> list[str]:
         """Data files named by the recipe that do not exist (``key: path`` strings)."""
         out = []
-        for split in ("train", "eval"):
-            for i, src in enumerate(getattr(self.data, split)):
+        sources = [(f"data.{split}", getattr(self.data, split)) for split in ("train", "eval")]
+        if self.omni is not None:
+            sources.append(("omni.t2i", self.omni.t2i))
+        for where, specs in sources:
+            for i, src in enumerate(specs):
                 if not src.is_builtin and not Path(src.source).is_file():
-                    out.append(f"data.{split}.{i}.source: file not found: {src.source}")
+                    out.append(f"{where}.{i}.source: file not found: {src.source}")
                 if src.image_root is not None and not Path(src.image_root).is_dir():
-                    out.append(f"data.{split}.{i}.image_root: not a directory: {src.image_root}")
+                    out.append(f"{where}.{i}.image_root: not a directory: {src.image_root}")
+        if self.student_dir is not None and not (Path(self.student_dir) / "config.json").is_file():
+            out.append(f"student_dir: not a saved student: {self.student_dir}")
         return out
 
     def to_yaml(self) -> str:

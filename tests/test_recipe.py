@@ -114,7 +114,7 @@ def test_parse_value(text, value):
         ("data.train.0.source=builtin:nope", r"data\.train\.0\.source: unknown built-in data"),
         ("distributed.deepspeed=missing.json", r"distributed\.deepspeed: DeepSpeed config not"),
         ("precision=fp16", r"precision: Input should be 'fp32' or 'bf16'"),
-        ("teacher=null", r"teacher: Input should be a valid string"),
+        ("teacher=null", r"give exactly one of 'teacher' \(seed a student\) and 'student_dir'"),
         ("stages=[]", r"stages: List should have at least 1 item"),
         ("nonsense", r"override 'nonsense' is not key=value"),
     ],
@@ -127,7 +127,7 @@ def test_errors_name_the_key(tmp_path, override, message):
 
 def test_missing_required_keys_and_duplicate_stage_names():
     data = {k: v for k, v in MINIMAL.items() if k != "teacher"}
-    with pytest.raises(RecipeError, match=r"teacher: required key is missing"):
+    with pytest.raises(RecipeError, match=r"give exactly one of 'teacher'"):
         validate_recipe(data)
     twice = dict(MINIMAL, stages=MINIMAL["stages"] * 2)
     with pytest.raises(RecipeError, match=r"stage names must be unique; repeated: \['s1'\]"):
@@ -201,3 +201,47 @@ def test_shipped_deepspeed_configs(name):
     config = json.loads((ROOT / "recipes" / name).read_text())
     assert config["zero_optimization"]["stage"] == int(name[4])
     assert "optimizer" not in config and "scheduler" not in config
+
+
+OMNI_STAGE = {"name": "joint", "task": "both", "trainable": ["lora"], "lr": 1e-4, "steps": 2}
+OMNI = {"t2i": [{"source": "builtin:shapes-t2i"}]}
+
+
+def test_task_stages():
+    recipe = validate_recipe(
+        dict(
+            MINIMAL,
+            omni=OMNI,
+            stages=[*MINIMAL["stages"], dict(OMNI_STAGE, task_ratio={"mmu": 3, "t2i": 48})],
+        )
+    )
+    joint = recipe.stages[1]
+    assert joint.tasks == ("mmu", "t2i") and joint.rows("t2i") == 48 and joint.rows("mmu") == 3
+    assert (
+        recipe.omni.lora.r == 8
+        and recipe.omni.lora.alpha == 32
+        and recipe.omni.lora.dropout == 0.05
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"task_ratio": {"mmu": 0, "t2i": 0}}, r"task_ratio is 0:0"),
+        ({}, r"give task_ratio .* exactly for task: both"),
+        ({"task_ratio": {"mmu": 1, "t2i": 1}, "loss": {"ce_weight": 1}}, r"loss is fixed"),
+    ],
+)
+def test_task_stage_errors(change, message):
+    data = dict(MINIMAL, omni=OMNI, stages=[dict(OMNI_STAGE, **change)])
+    with pytest.raises(RecipeError, match=message):
+        validate_recipe(data)
+
+
+def test_recipe_level_task_errors():
+    ratio = {"task_ratio": {"mmu": 1, "t2i": 1}}
+    with pytest.raises(RecipeError, match=r"add an 'omni' section"):
+        validate_recipe(dict(MINIMAL, stages=[dict(OMNI_STAGE, **ratio)]))
+    from_student = {k: v for k, v in MINIMAL.items() if k != "teacher"}
+    with pytest.raises(RecipeError, match=r"stages \['s1'\] distil from a teacher"):
+        validate_recipe(dict(from_student, student_dir="runs/s"))
