@@ -331,7 +331,8 @@ def score_images(captions: Sequence[str], images: Sequence[Image.Image]) -> dict
     """
     if len(captions) != len(images) or not captions:
         raise ValueError(
-            f"need as many images as captions (> 0), got {len(images)} and {len(captions)}"
+            f"need as many images as captions (> 0), got {len(captions)} captions and "
+            f"{len(images)} images"
         )
     expected = [parse_caption(text) for text in captions]
     exact, objects = 0, 0
