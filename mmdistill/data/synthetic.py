@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -50,6 +50,7 @@ from .kjv import read_verses
 __all__ = [
     "BACKGROUND",
     "CAPTION_PROMPT",
+    "CellGeometry",
     "COLOURS",
     "DATA_VERSION",
     "EVAL_EVERY",
@@ -62,6 +63,7 @@ __all__ = [
     "ShapeSample",
     "answer_accuracy",
     "build_demo_dataset",
+    "cell_geometry",
     "generate_samples",
     "kjv_verses",
     "majority_baseline_accuracy",
@@ -158,6 +160,24 @@ class ShapeSample:
 # --------------------------------------------------------------------------------------------
 
 
+class CellGeometry(NamedTuple):
+    """Pixel layout of one cell of the 2x2 grid (see :func:`cell_geometry`)."""
+
+    cell: int  # side of a cell
+    margin: int  # pixels kept free inside the cell's border
+    free: int  # side of the space a shape may occupy: cell - 2 * margin
+    extents: dict[str, int]  # side of a shape's bounding box, by size ("small", "large")
+
+
+def cell_geometry(image_size: int) -> CellGeometry:
+    """The cell size, margin, free space and shape extents of an ``image_size`` image."""
+    cell = image_size // 2
+    free = cell - 2 * _MARGIN
+    return CellGeometry(
+        cell, _MARGIN, free, {"large": int(free * _LARGE), "small": int(free * _SMALL)}
+    )
+
+
 def _check_geometry(image_size: int, min_shapes: int, max_shapes: int) -> None:
     if image_size < _MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
@@ -171,9 +191,7 @@ def _check_geometry(image_size: int, min_shapes: int, max_shapes: int) -> None:
 def _sample_scene(
     rng: np.random.Generator, image_size: int, min_shapes: int, max_shapes: int
 ) -> list[dict[str, Any]]:
-    cell = image_size // 2
-    free = cell - 2 * _MARGIN
-    extents = {"large": int(free * _LARGE), "small": int(free * _SMALL)}
+    cell, margin, free, extents = cell_geometry(image_size)
     k = int(rng.integers(min_shapes, max_shapes + 1))
     cells = sorted(int(c) for c in rng.choice(len(POSITIONS), size=k, replace=False))
     shapes = []
@@ -183,8 +201,8 @@ def _sample_scene(
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
         size = SIZES[int(rng.integers(len(SIZES)))]
         extent = extents[size]
-        x0 = (c % 2) * cell + _MARGIN + int(rng.integers(free - extent + 1))
-        y0 = (c // 2) * cell + _MARGIN + int(rng.integers(free - extent + 1))
+        x0 = (c % 2) * cell + margin + int(rng.integers(free - extent + 1))
+        y0 = (c // 2) * cell + margin + int(rng.integers(free - extent + 1))
         x1, y1 = x0 + extent - 1, y0 + extent - 1
         cy = y0 + round(2 * (y1 - y0) / 3) if shape == "triangle" else (y0 + y1) // 2
         shapes.append(
