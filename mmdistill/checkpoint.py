@@ -24,6 +24,7 @@ from .tokenizer import add_tokens_to_files
 from .version import __version__
 
 MODEL_TYPE = "mmdistill"
+IMAGE_TOKENIZER_DIR = "image_tokenizer"
 
 
 def config_document(model) -> dict:
@@ -39,8 +40,10 @@ def save_pretrained(
     overwrite: bool = False,
     max_shard_bytes: int = 2 << 30,
     extra_files: dict[str, str] | None = None,
+    image_tokenizer=None,
 ) -> Path:
-    """Write ``model`` (a :class:`~mmdistill.model.DecoderLM`) to ``directory`` atomically.
+    """Write ``model`` (a :class:`~mmdistill.model.DecoderLM`) to ``directory`` atomically,
+    with the image tokenizer its image vocabulary reads (under ``image_tokenizer/``) if given.
 
     Returns:
         The directory.
@@ -65,6 +68,8 @@ def save_pretrained(
                     shutil.copy2(Path(source) / name, tmp / name)
         if model.config.image_vocab is not None:
             add_tokens_to_files(tmp, LAYOUT_TOKENS, model.config.vocab_size)
+        if image_tokenizer is not None:
+            image_tokenizer.save(tmp / IMAGE_TOKENIZER_DIR)
         if model.config.lora is not None:
             save_adapters(model, LoraSpec.from_dict(model.config.lora), tmp)
         for name, text in (extra_files or {}).items():

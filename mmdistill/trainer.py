@@ -3,13 +3,14 @@
 :func:`distill` runs a validated :class:`~mmdistill.recipe.Recipe` end to end:
 
 1. checks the recipe's files, DeepSpeed and the output directory (before the teacher is loaded);
-2. loads the teacher (frozen) and seeds the student (float32 master weights), or restores the
-   student from the latest complete checkpoint with ``resume=True``
-   (:mod:`~mmdistill.training.resume`);
+2. loads the teacher (frozen) and seeds the student (float32 master weights), or loads the
+   recipe's ``student_dir`` (no teacher), or restores the student from the latest complete
+   checkpoint with ``resume=True`` (:mod:`~mmdistill.training.resume`);
 3. runs each stage in order, each starting from the previous stage's weights: trainable groups,
    AdamW and its schedule (:mod:`~mmdistill.training.stage_setup`,
    :mod:`~mmdistill.training.schedule`), then the loop (:mod:`~mmdistill.training.loop`), then a
-   checkpoint (:mod:`~mmdistill.training.checkpoints`);
+   checkpoint (:mod:`~mmdistill.training.checkpoints`); before the first OmniMamba task stage
+   the student gains its image vocabulary and task adapters (:mod:`~mmdistill.training.omni_data`);
 4. writes the student with :func:`~mmdistill.checkpoint.save_pretrained` to
    ``output_dir/student`` and returns a report (one entry per stage).
 
@@ -35,7 +36,7 @@ from .data.loader import shapes_dataset
 from .data.text import DataContext
 from .errors import DataError
 from .files import atomic_write_text
-from .model import DecoderLM
+from .model import DecoderLM, load_student
 from .objective import TeacherForward
 from .recipe import Recipe
 from .seeding import seed
@@ -44,6 +45,7 @@ from .training.checkpoints import CHECKPOINTS, remove_partial_checkpoints, save_
 from .training.deepspeed_engine import wrap_teacher, zero_stage
 from .training.loop import run_stage
 from .training.metrics import MetricsLog
+from .training.omni_data import load_omni_data, prepare_student
 from .training.processes import Processes
 from .training.resume import find_resume_point, resume_run, resume_stage
 from .training.stage_setup import build_stage, finish_stage
@@ -91,17 +93,20 @@ def distill(
         run.out.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(run.out / CHECKPOINTS)
         atomic_write_text(run.out / "recipe.yaml", recipe.to_yaml())
-    with console.status("loading the teacher") if procs.is_main else contextlib.nullcontext():
+    with console.status("loading the models") if procs.is_main else contextlib.nullcontext():
         teacher, student = _load_models(recipe, procs.device)
-    run.data, run.shapes = _data_context(recipe, teacher, procs)
+    run.data, run.shapes = _data_context(recipe, teacher or student, procs)
     if point is not None:
-        resume_run(run, point, student)
+        student = resume_run(run, point, student)
     metrics.open_tensorboard(run.log)
-    runner = TeacherForward(teacher)
-    if run.deepspeed:
+    runner = TeacherForward(teacher) if teacher is not None else None
+    if run.deepspeed and runner is not None:
         runner = wrap_teacher(runner, recipe, zero, procs.world)
     try:
         for index in range(point.first_stage if point else 0, len(recipe.stages)):
+            if recipe.stages[index].tasks:
+                run.omni = run.omni or load_omni_data(run)
+                student = prepare_student(run, student)
             stage = build_stage(run, index, student)
             if point is not None:
                 resume_stage(stage, point, procs.rank)
@@ -120,8 +125,11 @@ def distill(
     return _write_student(run, student, started)
 
 
-def _load_models(recipe: Recipe, device: torch.device) -> tuple[DecoderLM, DecoderLM]:
-    """The frozen teacher and the student seeded from it (float32), on ``device``."""
+def _load_models(recipe: Recipe, device: torch.device) -> tuple[DecoderLM | None, DecoderLM]:
+    """The frozen teacher and the student seeded from it (float32), on ``device``; or no
+    teacher and the recipe's ``student_dir``."""
+    if recipe.student_dir is not None:
+        return None, load_student(recipe.student_dir, dtype=torch.float32, device=device)
     teacher = load_teacher(recipe.teacher, dtype=recipe.resolved_teacher_dtype)
     student = seed(
         teacher,
@@ -160,12 +168,14 @@ def _write_student(run: Run, student: DecoderLM, started: float) -> dict:
     """
     student_dir = run.out / "student"
     if run.procs.is_main:
-        student.save_pretrained(student_dir, overwrite=True)
+        image_tokenizer = run.omni.image_tokenizer if run.omni is not None else None
+        student.save_pretrained(student_dir, overwrite=True, image_tokenizer=image_tokenizer)
     run.procs.barrier()
     result = {
         "student_dir": str(student_dir),
         "output_dir": str(run.out),
         "teacher": run.recipe.teacher,
+        "student_dir_start": run.recipe.student_dir,
         "processes": run.procs.world,
         "deepspeed": run.recipe.distributed.deepspeed,
         "stages": run.history,

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import mmdistill
+from mmdistill.image_vocab import ImageVocabSpec
 from mmdistill.objective import (
     DistillObjective,
     TeacherForward,
@@ -15,7 +16,9 @@ from mmdistill.objective import (
     next_token_ce,
 )
 from mmdistill.recipe import LossSpec
+from mmdistill.omni_student import add_image_vocabulary
 from mmdistill.roles import ROLES, parameter_role, set_trainable
+from mmdistill.task_lora import LoraSpec
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,10 @@ def hybrid(hovle):
 
 
 def test_every_parameter_has_the_expected_role(hybrid):
-    roles = {name: parameter_role(name) for name, _ in hybrid.named_parameters()}
+    spec = ImageVocabSpec(hybrid.config.vocab_size, codebook_size=8, grid=2, embed_dim=8)
+    omni = add_image_vocabulary(hybrid, spec, LoraSpec())
+    names = [n for model in (hybrid, omni) for n, _ in model.named_parameters()]
+    roles = {name: parameter_role(name) for name in names}
     assert set(roles.values()) == set(ROLES)
     expected = {
         "layers.1.mixer.z_proj.weight": "ssm",
@@ -49,6 +55,14 @@ def test_every_parameter_has_the_expected_role(hybrid):
         "front.vision_embeddings.patch_embedding.weight": "vision",
         "front.vision_embeddings.position_embedding": "vision",
         "front.pixel_shuffle_proj.0.weight": "vision",
+        "layers.1.mixer.z_proj.base_layer.weight": "ssm",
+        "layers.1.mixer.c_proj.lora_A.mmu.weight": "lora",
+        "layers.3.mixer.dt_proj.lora_B.t2i.weight": "lora",
+        "image_vocab.embed.weight": "image_embeddings",
+        "image_vocab.projector.0.weight": "image_embeddings",
+        "image_vocab.position.weight": "image_embeddings",
+        "image_vocab.layout.weight": "image_embeddings",
+        "image_vocab.head.weight": "image_head",
     }
     for name, role in expected.items():
         assert roles[name] == role, name

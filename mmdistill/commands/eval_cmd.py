@@ -3,6 +3,10 @@
 Perplexity of both, KL(teacher ‖ student) per token, top-1 agreement, and answer accuracy on
 question/answer conversations (definitions: :mod:`mmdistill.evaluation`, docs/evaluation.md).
 Optionally lm-evaluation-harness tasks. A table goes to stderr; ``--json`` prints one document.
+
+``--task t2i`` evaluates generation instead (no teacher): one image per caption of each
+``--data`` caption file (``{"image", "caption"}`` JSONL of the shapes world), read back by the
+shapes checker: exact match and per-attribute accuracy (:mod:`mmdistill.t2i_evaluation`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from ..evaluation import (
     tokenizer_for,
 )
 from ..model import DecoderLM
+from ..t2i_evaluation import evaluate_t2i, load_t2i_student, save_png
+from ..t2i_generation import Sampling
 from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, require_files, resolve_device
 from .output import emit_json, err
 
@@ -90,12 +96,49 @@ def _harness(
     return results
 
 
+def t2i_table(name: str, result: dict) -> Table:
+    """One row of text-to-image scores."""
+    table = Table(title=f"text-to-image: {name}")
+    for column in ("captions", "exact", "colour", "shape", "size", "position"):
+        table.add_column(column, justify="right")
+    attrs = result["attribute_accuracy"]
+    cells = [f"{attrs[k]:.1%}" for k in ("colour", "shape", "size", "position")]
+    table.add_row(str(result["n"]), f"{result['exact_match']:.1%}", *cells)
+    return table
+
+
+def eval_t2i(
+    student: str, files: list[Path], cfg_scale: float, save_images: Path | None, device: str
+) -> dict:
+    """Score the student's images for each caption file (tables on stderr); the report."""
+    with err.status(f"loading student {student}"):
+        model = load_t2i_student(student, device=device)
+    report: dict[str, Any] = {"student_source": student, "task": "t2i", "files": []}
+    for path in files:
+        with err.status(f"drawing the captions of {path}"):
+            result, images, _ = evaluate_t2i(model, path, Sampling(cfg_scale=cfg_scale))
+        report["files"].append({"path": str(path), **result})
+        err.print(t2i_table(path.name, result))
+        for i, image in enumerate(images if save_images is not None else []):
+            save_png(image, save_images / f"{path.stem}_{i:04d}.png")
+    return report
+
+
 def eval_command(
     student: str = typer.Option(
         ..., "--student", "-s", help="Student directory (or any teacher source, to compare)."
     ),
-    teacher: str = typer.Option(
-        ..., "--teacher", "-t", help="Alias (hovle), model directory, .gguf file or hub id."
+    teacher: str | None = typer.Option(
+        None, "--teacher", "-t", help="Alias (hovle), model directory, .gguf file or hub id."
+    ),
+    task: str = typer.Option(
+        "mmu", "--task", help="mmu (against the teacher) or t2i (caption files, no teacher)."
+    ),
+    cfg_scale: float = typer.Option(
+        0.0, "--cfg-scale", min=0.0, help="--task t2i: classifier-free guidance (0 = none)."
+    ),
+    save_images: Path | None = typer.Option(
+        None, "--save-images", help="--task t2i: write the generated images to this directory."
     ),
     data: list[Path] = typer.Option(
         None, "--data", "-d", help="Data file (.txt or .jsonl); repeat, or list several after it."
@@ -126,6 +169,18 @@ def eval_command(
 ) -> None:
     """Perplexity, KL(teacher‖student), top-1 agreement and answer accuracy of a student."""
     files = [*(data or []), *(more_data or [])]
+    if task not in ("mmu", "t2i"):
+        raise typer.BadParameter(f"unknown task {task!r}; mmu or t2i", param_hint="--task")
+    if task == "t2i":
+        if not files:
+            raise DataError("--task t2i: give caption files (--data captions.jsonl)")
+        require_files(files, "data")
+        report = eval_t2i(student, files, cfg_scale, save_images, str(resolve_device(device)))
+        if as_json:
+            emit_json(report)
+        return
+    if teacher is None:
+        raise typer.BadParameter("give the teacher to compare with", param_hint="--teacher")
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     if not files and not task_list:
         raise DataError("give data files (--data FILE...) or lm-eval --tasks")

@@ -1,9 +1,14 @@
-"""``mmdistill generate``: stream a student's (or a teacher's) answer to one prompt.
+"""``mmdistill generate``: stream a student's (or a teacher's) answer to one prompt, or, with
+``--task t2i``, draw images of a caption with a student that has an image vocabulary.
 
 The prompt goes through the model's chat template (HoVLE's for HoVLE-format models, the
 tokenizer's Jinja template for HF models) unless ``--raw``; ``--image`` adds an image for
 HoVLE-format models. Text streams to stdout as it is generated; with ``--json`` nothing streams
 and one JSON document is printed instead.
+
+``--task t2i`` writes ``--out FILE.png`` (``--num-images N`` > 1: ``FILE_0.png`` ...), greedy or
+sampled (``--temperature``, ``--top-k``), with optional classifier-free guidance
+(``--cfg-scale``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import typer
 from ..chat_format import build_generation_prompt
 from ..evaluation import describe, is_student_dir, load_model
 from ..generation import generate
+from ..t2i_evaluation import generate_images, load_t2i_student, save_png
+from ..t2i_generation import Sampling
 from ..tokenizer import load_tokenizer
 from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, require_files, resolve_device
 from .output import emit_json, err
@@ -51,11 +58,52 @@ class _Streamer:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
+def image_paths(out: Path, count: int) -> list[Path]:
+    """``out`` for one image; ``out``'s stem with ``_0``, ``_1``, ... for several."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(count)]
+
+
+def generate_t2i(
+    model_dir: str, caption: str, out: Path, count: int, sampling: Sampling, device: str
+) -> dict:
+    """Draw ``count`` images of ``caption`` and write them as PNGs; a summary for ``--json``."""
+    if out.suffix.lower() != ".png":
+        raise typer.BadParameter(f"{out}: give a .png path", param_hint="--out")
+    with err.status(f"loading {model_dir}"):
+        student = load_t2i_student(model_dir, device=device)
+    start = time.perf_counter()
+    images, crossed = generate_images(student, [caption] * count, sampling)
+    seconds = time.perf_counter() - start
+    paths = [
+        save_png(image, path) for image, path in zip(images, image_paths(out, count), strict=True)
+    ]
+    return {
+        "model": model_dir,
+        "layout": describe(student.model),
+        "task": "t2i",
+        "prompt": caption,
+        "images": [str(p) for p in paths],
+        "text_tokens_in_images": crossed,
+        "seconds": round(seconds, 3),
+    }
+
+
 def generate_command(
     model_dir: str = typer.Argument(
         ..., metavar="DIR", help="Student directory, or any teacher source (dir, .gguf, alias)."
     ),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The user's message."),
+    prompt: str = typer.Option(
+        ..., "--prompt", "-p", help="The user's message (the caption with --task t2i)."
+    ),
+    task: str = typer.Option("mmu", "--task", help="mmu (answer in text) or t2i (draw images)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="--task t2i: the PNG to write."),
+    num_images: int = typer.Option(1, "--num-images", min=1, help="--task t2i: images to draw."),
+    cfg_scale: float = typer.Option(
+        0.0, "--cfg-scale", min=0.0, help="--task t2i: classifier-free guidance (0 = none)."
+    ),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the K likeliest (0 = all)."),
     image: list[Path] = typer.Option(
         None, "--image", "-i", help="Image file (HoVLE-format models); repeat for several."
     ),
@@ -70,11 +118,24 @@ def generate_command(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document, no streaming."),
 ) -> None:
-    """Generate an answer with a student or teacher, streaming it to stdout."""
+    """Generate an answer with a student or teacher, streaming it to stdout (or images)."""
+    if task not in ("mmu", "t2i"):
+        raise typer.BadParameter(f"unknown task {task!r}; mmu or t2i", param_hint="--task")
+    device = str(resolve_device(device))
+    if task == "t2i":
+        if out is None:
+            raise typer.BadParameter("--task t2i writes images: give --out FILE.png")
+        generator = torch.Generator(device=device).manual_seed(seed)
+        sampling = Sampling(temperature, top_k, cfg_scale, generator)
+        report = generate_t2i(model_dir, prompt, out, num_images, sampling, device)
+        if as_json:
+            emit_json(report)
+        else:
+            err.print(f"wrote {', '.join(report['images'])}", highlight=False)
+        return
     images = list(image or [])
     require_files(images, "image")
     check_dtype(dtype)
-    device = str(resolve_device(device))
     with err.status(f"loading {model_dir}"):
         model = load_model(model_dir, dtype=dtype, device=device)
     directory = model_dir if is_student_dir(model_dir) else model.config.teacher["directory"]
@@ -92,6 +153,7 @@ def generate_command(
         max_new_tokens=max_new_tokens,
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else 1.0,
+        top_k=top_k,
         top_p=top_p,
         eos_token_id=stop_ids,
         generator=generator,

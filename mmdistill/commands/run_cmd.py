@@ -56,6 +56,14 @@ def run_command(
         emit_json(report)
 
 
+def _mode(stage) -> str:
+    if stage.task == "both":
+        return f"tasks mmu:t2i = {stage.task_ratio.mmu}:{stage.task_ratio.t2i}"
+    if stage.tasks:
+        return f"task {stage.task}"
+    return "layer-wise" if stage.loss.layerwise else "end-to-end"
+
+
 def validate_command(
     recipe: Path = typer.Argument(..., help=RECIPE_HELP),
     overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
@@ -66,13 +74,19 @@ def validate_command(
     """Check a recipe without loading anything; missing data files are reported as warnings."""
     loaded = load_recipe(recipe, overrides or [])
     table = Table(title=f"{recipe}: valid", show_header=False)
-    table.add_row("teacher", loaded.teacher)
-    table.add_row("student", f"attention layers: {loaded.student.attention_layers}")
+    if loaded.student_dir is not None:
+        table.add_row("student", f"from {loaded.student_dir}")
+    else:
+        table.add_row("teacher", loaded.teacher)
+        table.add_row("student", f"attention layers: {loaded.student.attention_layers}")
+    if loaded.omni is not None:
+        t2i = ", ".join(s.source for s in loaded.omni.t2i)
+        table.add_row("omni", f"{loaded.omni.image_tokenizer}; {loaded.omni.vocabulary}; t2i {t2i}")
     sources = ", ".join(f"{s.source} (x{s.weight:g})" for s in loaded.data.train)
     table.add_row("data", f"{sources}; seq_len {loaded.data.seq_len}")
     for i, stage in enumerate(loaded.stages):
         length = f"{stage.steps} steps" if stage.steps is not None else f"{stage.tokens:,} tokens"
-        mode = "layer-wise" if stage.loss.layerwise else "end-to-end"
+        mode = _mode(stage)
         table.add_row(
             f"stage {i}",
             f"{stage.name}: {mode}, trains {', '.join(stage.trainable)}, lr {stage.lr:g}, {length}",

@@ -77,7 +77,7 @@ def run_stage(run: Run, stage: Stage, teacher) -> None:
                 save_checkpoint(run, stage.index, step + 1, stage.student, stage)
             for callback in run.callbacks:
                 callback(record)
-    if run.recipe.data.eval:
+    if run.recipe.data.eval and not spec.tasks:
         report.eval_loss = evaluate(run, stage, teacher)
     report.skipped = stage.batches.skipped()
     report.seconds = time.perf_counter() - began
@@ -85,7 +85,11 @@ def run_stage(run: Run, stage: Stage, teacher) -> None:
 
 
 def micro_step(run: Run, stage: Stage, teacher, batch: Batch) -> dict[str, torch.Tensor]:
-    """The teacher's forward, then the student's loss on one micro-batch (its terms too)."""
+    """The teacher's forward, then the student's loss on one micro-batch (its terms too); a task
+    stage has no teacher: its objective takes the :class:`~mmdistill.data.t2i.TaskBatch`."""
+    if stage.spec.tasks:
+        with _autocast(run):
+            return stage.model(batch)
     pairs, teacher_logits = teacher(
         batch.input_ids, batch.attention_mask, batch.pixel_values, stage.layers, stage.logits
     )

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import read_student_config
 from ..errors import CheckpointError
 from ..files import read_safetensors
-from ..model import DecoderLM
+from ..model import DecoderLM, build_from_state_dict
 from .checkpoints import CHECKPOINTS, STATE_FILE, latest_checkpoint, list_checkpoints, set_rng_state
 from .state import Run, Stage
 
@@ -76,15 +77,19 @@ def find_resume_point(run: Run, resume: bool) -> ResumePoint | None:
     return ResumePoint(path, state)
 
 
-def resume_run(run: Run, point: ResumePoint, student: DecoderLM) -> None:
-    """Load the student's weights and the run's history from ``point``; trim the metrics."""
+def resume_run(run: Run, point: ResumePoint, student: DecoderLM) -> DecoderLM:
+    """The student of ``point`` (rebuilt from its config: a checkpoint of a task stage has the
+    image vocabulary and adapters); loads the run's history and trims the metrics."""
     weights = read_safetensors(point.directory)
-    student.load_state_dict({k: v.to(run.procs.device) for k, v in weights.items()})
+    config = read_student_config(point.directory)
+    config.teacher = student.config.teacher  # provenance (and tokenizer files) of this run's
+    student = build_from_state_dict(config, weights, torch.float32).to(run.procs.device)
     run.history = point.state["history"]
     run.global_step = point.state["global_step"]
     run.last_checkpoint = point.directory
     run.metrics.trim(point.state["stage"], point.state["step"])
     run.log(f"resuming from {point.directory}")
+    return student
 
 
 def resume_stage(stage: Stage, point: ResumePoint, rank: int) -> None:

@@ -13,8 +13,11 @@ import torch
 from ..errors import RecipeError
 from ..model import DecoderLM, build_from_state_dict
 from ..objective import DistillObjective
+from ..omni_objective import OmniObjective
 from ..roles import set_trainable
+from ..task_lora import LoraSpec, adapter_of_parameter
 from .deepspeed_engine import deepspeed_config, frozen_weights, gather_weights, wrap_student
+from .omni_data import task_batches
 from .schedule import make_optimizer, stage_steps
 from .state import Run, Stage, StageReport
 
@@ -30,20 +33,14 @@ def build_stage(run: Run, index: int, student: DecoderLM) -> Stage:
     spec = recipe.stages[index]
     trainable = _set_trainable(run, index, student)
     steps = stage_steps(spec, procs.world, recipe.data.seq_len)
-    layers = student.mixer_layers() if spec.loss.mse_weight > 0 else []
-    if spec.loss.layerwise and not layers:
-        raise RecipeError(
-            f"stages.{index}: a layer-wise stage needs converted layers, but the student keeps "
-            "attention everywhere (student.attention_layers)"
-        )
     student.gradient_checkpointing = recipe.gradient_checkpointing
     student.train()
-    objective = DistillObjective(
-        student,
-        spec.loss,
-        checkpoint_mixers=recipe.gradient_checkpointing,
-        vision_dummy=procs.world > 1 and "vision" in spec.trainable,
-    )
+    if spec.tasks:
+        objective, layers = OmniObjective(student), []
+        batches = task_batches(run, index, spec, student)
+    else:
+        objective, layers = _distill_objective(run, index, student)
+        batches = run.batches(recipe.data.train, (recipe.data.seed, index), spec.batch_size)
     params = [p for p in student.parameters() if p.requires_grad]
     fused = procs.device.type == "cuda" and not run.deepspeed
     optimizer, scheduler = make_optimizer(student, spec, steps, fused)
@@ -57,7 +54,7 @@ def build_stage(run: Run, index: int, student: DecoderLM) -> Stage:
         model = procs.accelerator.prepare_model(objective)
     report = StageReport(
         name=spec.name,
-        mode="layerwise" if spec.loss.layerwise else "end_to_end",
+        mode=_mode(spec),
         trainable=list(spec.trainable),
         trainable_parameters=trainable,
         steps=steps,
@@ -71,7 +68,7 @@ def build_stage(run: Run, index: int, student: DecoderLM) -> Stage:
         optimizer=optimizer,
         scheduler=scheduler,
         params=params,
-        batches=run.batches(recipe.data.train, (recipe.data.seed, index), spec.batch_size),
+        batches=batches,
         layers=layers,
         report=report,
         engine=engine,
@@ -79,10 +76,50 @@ def build_stage(run: Run, index: int, student: DecoderLM) -> Stage:
     )
 
 
+def _distill_objective(run: Run, index: int, student: DecoderLM) -> tuple[DistillObjective, list]:
+    """The distillation loss of stage ``index`` and the converted layers it needs.
+
+    Raises:
+        RecipeError: a layer-wise stage on a student without converted layers.
+    """
+    spec = run.recipe.stages[index]
+    layers = student.mixer_layers() if spec.loss.mse_weight > 0 else []
+    if spec.loss.layerwise and not layers:
+        raise RecipeError(
+            f"stages.{index}: a layer-wise stage needs converted layers, but the student keeps "
+            "attention everywhere (student.attention_layers)"
+        )
+    objective = DistillObjective(
+        student,
+        spec.loss,
+        checkpoint_mixers=run.recipe.gradient_checkpointing,
+        vision_dummy=run.procs.world > 1 and "vision" in spec.trainable,
+    )
+    return objective, layers
+
+
+def _mode(spec) -> str:
+    if spec.tasks:
+        return f"task:{spec.task}"
+    return "layerwise" if spec.loss.layerwise else "end_to_end"
+
+
 def _set_trainable(run: Run, index: int, student: DecoderLM) -> int:
-    """Unfreeze the stage's roles (warning about roles that match nothing); the count unfrozen."""
+    """Unfreeze the stage's roles (warning about roles that match nothing); the count unfrozen.
+
+    In a task stage the ``lora`` role means the adapters of the stage's own task(s): the other
+    task's adapter stays frozen, bit for bit.
+    """
     spec = run.recipe.stages[index]
     counts = set_trainable(student, spec.trainable)
+    if spec.tasks and student.config.lora is not None:
+        lora = LoraSpec.from_dict(student.config.lora)
+        own = {lora.adapter_for(task) for task in spec.tasks}
+        for name, param in student.named_parameters():
+            adapter = adapter_of_parameter(name)
+            if adapter is not None and adapter not in own and param.requires_grad:
+                param.requires_grad_(False)
+                counts["lora"] -= param.numel()
     trainable = sum(counts.values())
     if trainable == 0:
         raise RecipeError(

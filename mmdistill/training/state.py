@@ -31,6 +31,8 @@ class Run:
         zero: The DeepSpeed ZeRO stage, or ``None`` without DeepSpeed.
         data: What rendering the data needs from the teacher.
         shapes: Paths of the built-in shapes data set, if the recipe uses it.
+        omni: The image tokenizer and encoded captions of the task stages (loaded before the
+            first of them).
         global_step: Optimiser steps over all stages so far.
         history: The reports of the finished stages.
         last_checkpoint: The newest complete checkpoint written or resumed from.
@@ -44,6 +46,7 @@ class Run:
     zero: int | None = None
     data: DataContext | None = None
     shapes: dict[str, Path] | None = None
+    omni: Any = None
     global_step: int = 0
     history: list[dict] = field(default_factory=list)
     last_checkpoint: Path | None = None
@@ -103,7 +106,7 @@ class StageReport:
         if self.initial_loss is None:
             self.initial_loss = record["loss"]
         self.final_loss = record["loss"]
-        self.final_parts = {k: record[k] for k in ("mse", "kl", "ce") if k in record}
+        self.final_parts = {k: record[k] for k in ("mse", "kl", "ce", "mmu", "t2i") if k in record}
         self.seconds = seconds
         record["tokens"] = self.tokens
         record["elapsed"] = round(seconds, 3)
@@ -164,4 +167,4 @@ class Stage:
     @property
     def logits(self) -> bool:
         """Whether the loss needs logits (an end-to-end stage)."""
-        return not self.spec.loss.layerwise
+        return self.spec.loss is not None and not self.spec.loss.layerwise
