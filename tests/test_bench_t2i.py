@@ -3,6 +3,7 @@ batch search's stopping rules, LoRA merged or kept, and the command line."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -87,6 +88,8 @@ def test_students_keep_or_merge_their_t2i_adapter(teacher):
     kept = bench_t2i.T2ISettings(lengths=[16], lora="adapters", **TINY)
     student = bench_t2i.t2i_model(seed(teacher, "none"), kept, adapters=True)
     assert student.config.lora is not None and student.image_vocab.spec.grid == 2
+    bf16 = bench_t2i.t2i_model(copy.deepcopy(teacher).to(torch.bfloat16), kept, adapters=False)
+    assert {r.inv_freq.dtype for r in bf16.rotary} == {torch.float32}
     merged = bench_t2i.t2i_model(student, bench_t2i.T2ISettings(lengths=[16], **TINY), True)
     assert merged.config.lora is None and merged.config.teacher["merged_task"] == "t2i"
     with pytest.raises(ValueError, match="lora must be one of"):

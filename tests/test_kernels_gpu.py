@@ -3,7 +3,8 @@
 Triton paths against the PyTorch ones: the SSD kernels (forward and backward, bf16 and fp32,
 GQA-grouped B, per-head C, initial state), the decode step, the fused conv and decode kernels,
 whole mixers, cached generation against recomputation, the static KV cache against the growing
-one, and CUDA-graph decode against eager decode.
+one, CUDA-graph decode against eager decode, and the CUDA-graph t2i step against
+``generate_codes``.
 """
 
 from __future__ import annotations
