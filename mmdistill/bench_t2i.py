@@ -22,10 +22,11 @@ batch size by a server. Timing: CUDA events on CUDA, the wall clock elsewhere.
 
 Batch search, per model and length: one prefill, then batches ``1, 2, 4, ...`` are probed
 (``kind: "probe"``: ``probe_steps`` decode steps, the decode time scaled to the whole image, the
-one-row cache kept throughout) until doubling adds less than ``min_gain`` images/s, a batch runs
-out of memory (or its cache alone would not fit), or ``max_batch``. Then batch 1 and the best
-probed batch are measured in full (``kind: "full"``, each with its own prefill), as described
-above. A probe that runs out of memory ends the search with ``status: "oom"``.
+one-row cache kept throughout) until doubling the batch raises images/s by less than the
+fraction ``min_gain``, a batch runs out of memory (or its cache alone would not fit), or
+``max_batch``. Then batch 1 and the best probed batch are measured in full (``kind: "full"``,
+each with its own prefill), as described above. A probe that runs out of memory ends the search
+with ``status: "oom"``.
 """
 
 from __future__ import annotations
@@ -417,20 +418,27 @@ def t2i_ratios(results: list[dict], candidates: list[Candidate]) -> list[dict]:
     full = [r for r in results if r["kind"] == "full" and r["status"] == "ok"]
     out = []
     for length in dict.fromkeys(r["length"] for r in full):
-        picks = {}
-        for name in dict.fromkeys(r["model"] for r in full if r["length"] == length):
-            mine = [r for r in full if r["model"] == name and r["length"] == length]
-            one = [r for r in mine if r["batch"] == 1]
-            picks[name] = {
-                "batch 1": one[0] if one else None,
-                "best": max(mine, key=lambda r: r["images_per_s"]),
-            }
+        picks = _picks([r for r in full if r["length"] == length])
         for s in (n for n in picks if roles.get(n) == "student"):
             for t in (n for n in picks if roles.get(n) == "teacher"):
                 for at in ("batch 1", "best"):
                     if picks[s][at] and picks[t][at]:
                         out.append(_ratio_entry(picks[s][at], picks[t][at], at))
     return out
+
+
+def _picks(rows: list[dict]) -> dict[str, dict]:
+    """Per model among ``rows`` (one length): ``{"batch 1": its batch-1 row or None, "best":
+    its row of most images/s}``."""
+    picks = {}
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        one = [r for r in mine if r["batch"] == 1]
+        picks[name] = {
+            "batch 1": one[0] if one else None,
+            "best": max(mine, key=lambda r: r["images_per_s"]),
+        }
+    return picks
 
 
 def _ratio_entry(student: dict, teacher: dict, at: str) -> dict:
