@@ -15,7 +15,11 @@ prompts without padding and stacks without a sliding window.
 
 A captured step bakes in the task adapter active at capture (a student with task LoRA,
 :mod:`mmdistill.task_lora`): the decoder remembers that task and refuses to replay once the model
-runs another one, rather than replaying the wrong adapter's graph.
+runs another one, rather than replaying the wrong adapter's graph. Text-to-image steps (image
+codes in, the image head out) are :class:`mmdistill.t2i_graph.ImageGraphDecoder`.
+
+With ``capture=False`` nothing is captured and :meth:`GraphDecoder.replay` runs the same step
+eagerly (on any device): the CPU tests check the step's arithmetic that way.
 
 Usage::
 
@@ -43,7 +47,10 @@ class GraphDecoder:
         tokens: ``[b]`` long, the tokens the next replay consumes; each replay overwrites it with
             the step's argmax (greedy decoding feeds itself).
         logits: ``[b, vocab]`` output of the last replay (a static buffer, overwritten).
+        head: the head whose logits the steps and :meth:`prefill` return (``text``).
     """
+
+    head = "text"
 
     def __init__(
         self,
@@ -53,21 +60,23 @@ class GraphDecoder:
         compile: bool = False,
         warmup: int = 3,
         max_length: int | None = None,
+        capture: bool = True,
     ) -> None:
         """Warm up, capture the step, then reset the cache to an empty sequence.
 
         Args:
-            model: a model on a CUDA device.
+            model: a model on a CUDA device (any device without ``capture``).
             batch: rows decoded per step.
             compile: ``torch.compile`` the step before capturing it.
             warmup: eager (or compiling) runs before the capture.
             max_length: capacity in tokens of the attention layers' static KV caches (prompt
                 plus generated tokens); required when the model has attention layers, ignored
                 otherwise.
+            capture: ``False``: capture nothing, :meth:`replay` runs the step eagerly.
 
         Raises:
-            ValueError: for a model not on CUDA; with attention layers, for a missing or too
-                small ``max_length`` or a sliding-window stack.
+            ValueError: for a model not on CUDA (when capturing); with attention layers, for a
+                missing or too small ``max_length`` or a sliding-window stack.
         """
         attention = [i for i, t in enumerate(model.config.layer_types) if t != "mamba"]
         if attention:
@@ -81,12 +90,12 @@ class GraphDecoder:
             windowed = [s for s in model.config.stacks if s.sliding_window is not None]
             if windowed:
                 raise ValueError("GraphDecoder does not support sliding-window attention")
-        if model.device.type != "cuda":
+        if capture and model.device.type != "cuda":
             raise ValueError("GraphDecoder needs a model on a CUDA device")
         self.model = model
         self.task = model.task
         for layer in model.layers:
-            if hasattr(layer.mixer, "pack_projections"):
+            if hasattr(layer.mixer, "pack_projections") and model.device.type == "cuda":
                 layer.mixer.pack_projections()
         self.cache = LMCache(
             model, batch, model.device, model.dtype, max_length if attention else None
@@ -97,6 +106,14 @@ class GraphDecoder:
         self._positions = self.cache.next_pos
         self.tokens = torch.zeros(batch, dtype=torch.long, device=model.device)
         self._forward = torch.compile(self._model_step, dynamic=False) if compile else None
+        self.graph = self.logits = None
+        if capture:
+            self._capture(warmup)
+        self.cache.reset()
+        self.tokens.zero_()
+
+    def _capture(self, warmup: int) -> None:
+        """Run ``warmup`` steps on a side stream, then capture one into :attr:`graph`."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
@@ -106,8 +123,6 @@ class GraphDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
             self.logits = self._step()
-        self.cache.reset()
-        self.tokens.zero_()
 
     def _model_step(self, tokens: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=tokens[:, None], cache=self.cache, logits_slice=slice(-1, None))
@@ -151,7 +166,12 @@ class GraphDecoder:
             )
         self.cache.reset()
         logits = prefill(
-            self.model, self.cache, input_ids, attention_mask=attention_mask, chunk_size=chunk_size
+            self.model,
+            self.cache,
+            input_ids,
+            attention_mask=attention_mask,
+            chunk_size=chunk_size,
+            head=self.head,
         )
         for state in self._kv_states:
             state.sync_length()  # a one-token last chunk wrote at the slot only
@@ -175,8 +195,8 @@ class GraphDecoder:
         self.cache.seen = other.seen
 
     def replay(self) -> torch.Tensor:
-        """Run one captured step: consumes :attr:`tokens`, refreshes :attr:`logits` and
-        :attr:`tokens` (the argmax). Returns :attr:`logits`.
+        """Run one captured (or, without a graph, eager) step: consumes :attr:`tokens`, refreshes
+        :attr:`logits` and :attr:`tokens` (the argmax). Returns :attr:`logits`.
 
         Raises:
             ValueError: the model now runs another task than the one captured.
@@ -188,8 +208,12 @@ class GraphDecoder:
             )
         for state in self._kv_states:
             state.check_room(1)  # inside the graph an overflow would be a device-side fault
-        self.graph.replay()
+        if self.graph is None:
+            with torch.no_grad():
+                self.logits = self._step()  # counts the KV caches' new token itself
+        else:
+            self.graph.replay()
+            for state in self._kv_states:
+                state.advance()
         self.cache.seen += 1
-        for state in self._kv_states:
-            state.advance()
         return self.logits

@@ -131,9 +131,12 @@ def chat_llama(tmp_path_factory):
     return directory, hf_model, load_teacher(str(directory))
 
 
-def make_omni_student(teacher, mode: str = "decoupled", shared_lora: bool = False, seed: int = 1):
-    """A tiny seeded student (layer 0 attention) with an image vocabulary of 32 codes on a 2x2
-    grid and task adapters whose weights are random (so a wrong adapter cannot hide)."""
+def make_omni_student(
+    teacher, mode: str = "decoupled", shared_lora: bool = False, seed: int = 1, grid: int = 2
+):
+    """A tiny seeded student (layer 0 attention) with an image vocabulary of 32 codes on a
+    ``grid`` x ``grid`` image and task adapters whose weights are random (so a wrong adapter
+    cannot hide)."""
     from mmdistill import seed as seed_student
     from mmdistill.image_vocab import ImageVocabSpec
     from mmdistill.omni_student import add_image_vocabulary
@@ -141,7 +144,7 @@ def make_omni_student(teacher, mode: str = "decoupled", shared_lora: bool = Fals
     from mmdistill.task_lora import LoraSpec
 
     base = seed_student(teacher, attention_layers="0", seed=0).float()
-    spec = ImageVocabSpec(base.config.vocab_size, 32, 2, embed_dim=16, mode=mode)
+    spec = ImageVocabSpec(base.config.vocab_size, 32, grid, embed_dim=16, mode=mode)
     model = add_image_vocabulary(base, spec, LoraSpec(dropout=0.0, shared=shared_lora), seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -3,7 +3,8 @@
 Triton paths against the PyTorch ones: the SSD kernels (forward and backward, bf16 and fp32,
 GQA-grouped B, per-head C, initial state), the decode step, the fused conv and decode kernels,
 whole mixers, cached generation against recomputation, the static KV cache against the growing
-one, and CUDA-graph decode against eager decode.
+one, CUDA-graph decode against eager decode, and the CUDA-graph t2i step against
+``generate_codes``.
 """
 
 from __future__ import annotations
@@ -443,3 +444,42 @@ def test_hybrid_graph_decode_matches_eager(dtype, compile_step):
         replicated = decoder.replay().float()
         assert rel(replicated[1], replicated[0]) < 1e-6
         assert rel(replicated[0], eager[0][0]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("layout", ["none", "every:2"])
+def test_t2i_graph_decode_gives_the_codes_of_generate_codes(layout):
+    """Images decoded from the CUDA-graph t2i step (unmerged random LoRA, code and position
+    embeddings, image head) against ``generate_codes``' eager loop: identical codes, for a
+    linear and a hybrid student, from a batched prompt and from one prompt replicated."""
+    from mmdistill.data.t2i import t2i_prompt
+    from mmdistill.generation import prefill
+    from mmdistill.image_vocab import ImageVocabSpec
+    from mmdistill.model import LMCache
+    from mmdistill.omni_student import add_image_vocabulary
+    from mmdistill.seeding import seed
+    from mmdistill.t2i_generation import generate_codes
+    from mmdistill.t2i_graph import ImageGraphDecoder
+    from mmdistill.task_lora import LoraSpec
+
+    teacher, _, _ = tiny_models(torch.float32)
+    spec = ImageVocabSpec(teacher.config.vocab_size, 64, 4, embed_dim=16)
+    model = add_image_vocabulary(seed(teacher, layout), spec, LoraSpec(dropout=0.0), seed=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or name.startswith("image_vocab.position"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.eval()
+    captions = [[5, 17, 33, 9], [41, 2, 8, 100]]
+    ids = torch.tensor([t2i_prompt(spec, c) for c in captions], device=CUDA)
+    want = generate_codes(model, captions).codes
+    decoder = ImageGraphDecoder(model, 2, max_length=ids.shape[1] + 16)
+    with torch.no_grad():
+        got = decoder.generate(decoder.prefill(ids)).codes
+        one = LMCache(model, 1, CUDA, model.dtype)
+        logits = prefill(model, one, ids[1:], head="image")
+        decoder.load_cache(one)
+        replicated = decoder.generate(logits).codes
+    assert decoder.graph is not None and want.unique().numel() > 2
+    assert torch.equal(got, want)
+    assert torch.equal(replicated, want[1:].expand_as(replicated))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU parity tests (tests/test_kernels_gpu.py, pytest -m gpu): Triton SSD, decode, conv, norm and
 # attention kernels and the fused mixer against their references, cached generation against
-# recomputation, static vs growing KV caches, CUDA-graph decode vs eager. Log: $OUT/gpu_tests.log.
+# recomputation, static vs growing KV caches, CUDA-graph decode vs eager, CUDA-graph t2i codes vs
+# generate_codes. Log: $OUT/gpu_tests.log.
 # Usage: bash scripts/gpu/tests.sh [pytest args...]   e.g. -n 6 (pytest-xdist workers),
 #        -k "cached or static or graph". Run with MAMBA_DETERMINISTIC=1 (mamba-ssm then launches one
 #        configuration per kernel instead of autotuning over about 200 at first use) and without

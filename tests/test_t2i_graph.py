@@ -1,0 +1,65 @@
+"""The t2i graph step run eagerly on CPU (``capture=False``: the same step a CUDA graph captures)
+gives the codes of ``generate_codes``; a one-row prompt replicated to a batch gives that row's
+image in every row; the decoder stops at the last code and refuses another task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_omni_student
+
+from mmdistill.data.t2i import t2i_prompt
+from mmdistill.generation import prefill
+from mmdistill.model import LMCache
+from mmdistill.t2i_generation import generate_codes
+from mmdistill.t2i_graph import ImageGraphDecoder
+
+CAPTIONS = [[20, 31, 42], [50, 61, 70]]  # equal lengths: no padding
+
+
+def _student(hovle, mode="decoupled"):
+    """A tiny omni student with 16 codes per image whose position embeddings weigh enough for
+    the codes to depend on them (so a wrong position counter cannot hide)."""
+    model = make_omni_student(hovle, mode=mode, shared_lora=mode == "shared", grid=4)
+    with torch.no_grad():
+        model.image_vocab.position.weight.mul_(10.0)
+    return model
+
+
+def _prompts(model, captions) -> torch.Tensor:
+    return torch.tensor([t2i_prompt(model.image_vocab.spec, c) for c in captions])
+
+
+def _decoder(model, batch, prompt_length) -> ImageGraphDecoder:
+    codes = model.image_vocab.spec.codes_per_image
+    return ImageGraphDecoder(model, batch, max_length=prompt_length + codes, capture=False)
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "shared"])
+def test_eager_graph_step_gives_the_codes_of_generate_codes(hovle, mode):
+    model = _student(hovle, mode)
+    ids = _prompts(model, CAPTIONS)
+    decoder = _decoder(model, len(CAPTIONS), ids.shape[1])
+    with torch.no_grad():
+        got = decoder.generate(decoder.prefill(ids))
+    want = generate_codes(model, CAPTIONS)
+    assert torch.equal(got.codes, want.codes) and got.crossed == want.crossed
+
+
+def test_replicated_prompt_and_the_decoders_limits(hovle):
+    model = _student(hovle)
+    ids = _prompts(model, CAPTIONS[:1])
+    decoder = _decoder(model, 3, ids.shape[1])
+    one = LMCache(model, 1, model.device, model.dtype)
+    with torch.no_grad():
+        logits = prefill(model, one, ids, head="image")
+        decoder.load_cache(one)
+        out = decoder.generate(logits)
+        with pytest.raises(ValueError, match="codes of this image are out"):
+            decoder.replay()
+    want = generate_codes(model, CAPTIONS[:1]).codes
+    assert torch.equal(out.codes, want.expand_as(out.codes))
+    decoder.start(logits)
+    model.use_task("mmu")
+    with pytest.raises(ValueError, match="captured for task 't2i'"):
+        decoder.replay()
