@@ -94,10 +94,8 @@ def t2i_model(model: DecoderLM, settings: T2ISettings, adapters: bool) -> Decode
             model.config.vocab_size, settings.codebook_size, settings.grid, settings.embed_dim
         )
         lora = LoraSpec() if adapters else None
-        with _default_dtype(model.dtype):  # the new model is built in the model's dtype
+        with _default_dtype(model.dtype):  # the adapters are built in the model's dtype
             model = add_image_vocabulary(model, spec, lora, seed=settings.seed)
-        for rotary in model.rotary:  # its cast to the model's dtype rounded them: float32 again
-            rotary.inv_freq = rotary._inv_freq(rotary.config.rope_theta).to(model.device)
     if settings.lora == "merged" and model.config.lora is not None:
         model = merge_task(model, "t2i")
     return model.eval()

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from .errors import CheckpointError
-from .image_vocab import ImageVocabSpec
+from .image_vocab import ImageVocabSpec, ImageVocabulary
 from .model import DecoderLM
 from .task_lora import LoraSpec, add_adapters, merge_into_base
 
@@ -37,15 +37,24 @@ def add_image_vocabulary(
             f"image_vocab.text_vocab_size {spec.text_vocab_size} != the student's vocabulary "
             f"{config.vocab_size}"
         )
-    new = DecoderLM(replace(config, image_vocab=spec.to_dict(), lora=None))
-    missing, unexpected = new.load_state_dict(student.state_dict(), strict=False)
+    with torch.device("meta"):  # no random init of a copy of every existing weight
+        new = DecoderLM(replace(config, image_vocab=spec.to_dict(), lora=None))
+    missing, unexpected = new.load_state_dict(student.state_dict(), strict=False, assign=True)
     assert not unexpected and all(k.startswith("image_vocab.") for k in missing), missing
+    if config.tie_word_embeddings:
+        new.lm_head.weight = new.front.token_embeddings().weight
+    for rotary in new.rotary:  # float32, whatever the weights' dtype
+        rotary.inv_freq = rotary._inv_freq(rotary.config.rope_theta).to(student.device)
+    with torch.random.fork_rng(devices=[]):  # the projector's default init, from ``seed``
+        torch.manual_seed(seed)
+        vocab = ImageVocabulary(spec, config.hidden_size)
     generator = torch.Generator().manual_seed(seed)
-    new.image_vocab.init_from_text(new.front.token_embeddings().weight, generator)
+    vocab.init_from_text(new.front.token_embeddings().weight.detach().cpu(), generator)
+    new.image_vocab = vocab.to(device=student.device, dtype=student.dtype)
     if lora is not None:
         add_adapters(new, lora)
         new.config.lora = lora.to_dict()
-    return new.to(device=student.device, dtype=student.dtype).train(student.training)
+    return new.train(student.training)
 
 
 @torch.no_grad()

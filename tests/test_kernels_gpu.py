@@ -483,3 +483,31 @@ def test_t2i_graph_decode_gives_the_codes_of_generate_codes(layout):
     assert decoder.graph is not None and want.unique().numel() > 2
     assert torch.equal(got, want)
     assert torch.equal(replicated, want[1:].expand_as(replicated))
+
+
+@pytest.mark.parametrize("layout", ["none", "every:2"])
+def test_cached_t2i_generation_equals_recomputation_on_cuda(layout):
+    """Greedy t2i codes with the recurrent cache (fused kernels) = a full forward per code."""
+    from test_t2i_generation import _recomputed
+
+    from mmdistill.image_vocab import ImageVocabSpec
+    from mmdistill.omni_student import add_image_vocabulary
+    from mmdistill.seeding import seed
+    from mmdistill.t2i_generation import Sampling, generate_codes
+    from mmdistill.task_lora import LoraSpec
+
+    teacher, _, _ = tiny_models(torch.float32)
+    spec = ImageVocabSpec(teacher.config.vocab_size, 64, 4, embed_dim=16)
+    model = add_image_vocabulary(seed(teacher, layout), spec, LoraSpec(dropout=0.0), seed=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g).to(p.device) * 0.5)
+    model.eval()
+    captions = [[5, 17, 33, 9], [41, 2, 8]]
+    for cfg_scale in (0.0, 3.0):
+        got = generate_codes(model, captions, Sampling(cfg_scale=cfg_scale)).codes
+        with torch.no_grad():
+            want = _recomputed(model, captions, cfg_scale)
+        assert got.is_cuda and torch.equal(got.cpu(), want.cpu()), cfg_scale

@@ -15,8 +15,8 @@ from mmdistill.objective import (
     layer_mse,
     next_token_ce,
 )
-from mmdistill.recipe import LossSpec
 from mmdistill.omni_student import add_image_vocabulary
+from mmdistill.recipe import LossSpec
 from mmdistill.roles import ROLES, parameter_role, set_trainable
 from mmdistill.task_lora import LoraSpec
 

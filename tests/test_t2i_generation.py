@@ -29,8 +29,9 @@ def _recomputed(model, captions, cfg_scale=0.0) -> torch.Tensor:
     out = []
     for _ in range(spec.codes_per_image):
         length = max(len(r) for r in rows)
-        ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+        ids = torch.tensor([[0] * (length - len(r)) + r for r in rows], device=model.device)
         mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+        mask = mask.to(model.device)
         logits = model(ids, attention_mask=mask, head="image").logits[:, -1].float()
         if cfg_scale:
             n = len(captions)
