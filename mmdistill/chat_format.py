@@ -118,6 +118,18 @@ class ChatFormat:
         """
         return self.encode_text(self.render(messages, add_generation_prompt), tiles)
 
+    def answer_header(self) -> list[int]:
+        """The token ids that open an assistant turn inside a conversation (the assistant
+        prefix, tokenised in context); empty for the plain format, which has none."""
+        if self.kind == "plain":
+            return []
+        turn = [{"role": "user", "content": "Hi."}]
+        base, prompt = self.encode(turn), self.encode(turn, add_generation_prompt=True)
+        same = next(
+            (i for i, (a, b) in enumerate(zip(base, prompt, strict=False)) if a != b), len(base)
+        )
+        return prompt[same:]
+
 
 def _stop_ids(config: Any, tokenizer: Tokenizer, end_of_turn: bool) -> list[int]:
     eos = config.eos_token_id

@@ -249,3 +249,16 @@ def test_palette_agreement_snaps_to_the_nearest_colour():
     assert palette_agreement(original, decoded, palette).tolist() == [1.0]
     decoded[0, 2, 2] = COLOURS["blue"]
     assert palette_agreement(original, decoded, palette).tolist() == [15 / 16]
+
+
+def test_the_shipped_shapes_vq_round_trips_the_t2i_world():
+    """builtin:shapes-vq: 64 px -> 8x8 codes, and every centred shape of the t2i world decodes
+    to an image the shapes checker reads back exactly (the ceiling of t2i accuracy)."""
+    from mmdistill.data.shapes_t2i import all_combinations, read_objects, render
+
+    tokenizer = load_image_tokenizer("builtin:shapes-vq")
+    combos = all_combinations()
+    codes = tokenizer.encode_images([render(a) for a in combos])
+    assert codes.shape == (120, 8, 8) and tokenizer.config.codebook_size == 1024
+    decoded = tokenizer.decode_images(codes)
+    assert [read_objects(image) for image in decoded] == [[a] for a in combos]

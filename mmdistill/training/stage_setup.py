@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..chat_format import chat_format_for
 from ..errors import RecipeError
 from ..model import DecoderLM, build_from_state_dict
 from ..objective import DistillObjective
@@ -36,7 +37,8 @@ def build_stage(run: Run, index: int, student: DecoderLM) -> Stage:
     student.gradient_checkpointing = recipe.gradient_checkpointing
     student.train()
     if spec.tasks:
-        objective, layers = OmniObjective(student), []
+        fmt = chat_format_for(student.config, run.data.tokenizer)
+        objective, layers = OmniObjective(student, fmt.answer_header(), fmt.stop_ids), []
         batches = task_batches(run, index, spec, student)
     else:
         objective, layers = _distill_objective(run, index, student)
