@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..data.synthetic import generate_samples
 from ..errors import MmdistillError
 from ..evaluation import tokenizer_for
 from ..files import atomic_write_text
@@ -29,9 +28,8 @@ from ..recipe import load_recipe
 from ..t2i_evaluation import evaluate_t2i, image_grid, load_t2i_student, save_png
 from ..trainer import distill
 from ..training.omni_data import caption_file
-from .pipeline import RECIPE
+from .pipeline import RECIPE, held_out_samples
 from .questions import evaluate_answers
-from .teacher import DEMO_KINDS
 
 OMNI_RECIPE = Path(__file__).with_name("omni_recipe.yaml")
 
@@ -52,16 +50,7 @@ def base_student(out: Path, overrides: list[str], say) -> Path:
 def mmu_accuracy(model: DecoderLM, questions: int) -> float:
     """Held-out answer accuracy on the demo's question kinds (as ``mmdistill demo`` asks)."""
     model.use_task("mmu")
-    recipe = load_recipe(RECIPE)
-    shapes = recipe.data.shapes
-    samples = generate_samples(
-        max(1, questions // len(DEMO_KINDS)),
-        seed=shapes.seed + 1,
-        image_size=shapes.image_size,
-        max_shapes=shapes.max_shapes,
-        split="eval",
-        kinds=DEMO_KINDS,
-    )
+    samples = held_out_samples(load_recipe(RECIPE), questions)
     return evaluate_answers(model, tokenizer_for(model), samples)["accuracy"]
 
 

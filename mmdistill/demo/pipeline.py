@@ -96,6 +96,20 @@ def score_answers(
     }
 
 
+def held_out_samples(recipe, questions: int) -> list[ShapeSample]:
+    """The demo's held-out images and questions: the question kinds the teacher was trained on
+    (:data:`DEMO_KINDS`), about one of each per image, from the recipe's shapes settings."""
+    shapes = recipe.data.shapes
+    return generate_samples(
+        max(1, questions // len(DEMO_KINDS)),
+        seed=shapes.seed + 1,
+        image_size=shapes.image_size,
+        max_shapes=shapes.max_shapes,
+        split="eval",
+        kinds=DEMO_KINDS,
+    )
+
+
 _STAGE_KEYS = ("name", "initial_loss", "final_loss", "steps", "tokens", "seconds")
 
 
@@ -116,16 +130,7 @@ def _evaluate(recipes: dict, runs: dict[str, dict], questions: int) -> list[dict
         models[f"seeded {name}"] = seed(teacher, layout, mixer=spec.mixer, seed=spec.seed)
         models[f"distilled {name}"] = load_student(runs[name]["student_dir"])
     tokenizer = tokenizer_for(teacher)
-    shapes = recipe.data.shapes
-    # The question kinds the teacher was trained on (see DEMO_KINDS); about one of each per image.
-    samples = generate_samples(
-        max(1, questions // len(DEMO_KINDS)),
-        seed=shapes.seed + 1,
-        image_size=shapes.image_size,
-        max_shapes=shapes.max_shapes,
-        split="eval",
-        kinds=DEMO_KINDS,
-    )
+    samples = held_out_samples(recipe, questions)
     scores = score_answers(models, tokenizer, samples)
     rows = []
     for name, model in models.items():
