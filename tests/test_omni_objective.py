@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from conftest import make_omni_student
 
 from mmdistill.omni_objective import answer_targets, code_targets
-
-from conftest import make_omni_student
 
 
 def test_answer_targets_cover_each_assistant_turn_and_its_end():
