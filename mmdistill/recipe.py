@@ -425,6 +425,9 @@ class Recipe(_Strict):
         omni: see :class:`OmniSpec` (needed by task stages).
         teacher_dtype: dtype the frozen teacher is held in (default: float32 with
             ``precision: fp32``, else bfloat16).
+        verify_teacher: check the teacher's conversion against transformers' own forward
+            before anything trains (:mod:`mmdistill.teachers.verify`); ``false`` skips it with
+            a warning.
         student: see :class:`StudentSpec`.
         data: see :class:`DataSpec`.
         stages: run in order; each starts from the previous one's weights.
@@ -443,6 +446,7 @@ class Recipe(_Strict):
     teacher: str | None = Field(None, min_length=1)
     student_dir: str | None = Field(None, min_length=1)
     teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    verify_teacher: bool = True
     student: StudentSpec = Field(default_factory=StudentSpec)
     data: DataSpec
     stages: list[StageSpec] = Field(min_length=1)

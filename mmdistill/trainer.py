@@ -130,7 +130,9 @@ def _load_models(recipe: Recipe, device: torch.device) -> tuple[DecoderLM | None
     teacher and the recipe's ``student_dir``."""
     if recipe.student_dir is not None:
         return None, load_student(recipe.student_dir, dtype=torch.float32, device=device)
-    teacher = load_teacher(recipe.teacher, dtype=recipe.resolved_teacher_dtype)
+    teacher = load_teacher(
+        recipe.teacher, dtype=recipe.resolved_teacher_dtype, verify=recipe.verify_teacher
+    )
     student = seed(
         teacher,
         attention_layers=recipe.student.attention_layers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from generation_harness import check_cached_generation
 from safetensors.torch import load_file, save_file
 
 from mmdistill import load_teacher
+from mmdistill.cli import main
 from mmdistill.errors import CheckpointError, TeacherError
 from mmdistill.teachers.hf import split_grouped_wqkv
 
@@ -50,6 +52,91 @@ def test_hf_teacher_matches_transformers(tmp_path, family, overrides):
     ids = torch.randint(0, 101, (2, 37), generator=torch.Generator().manual_seed(4))
     check_cached_generation(teacher, ids, 20, chunk_size=8)
     check_cached_generation(teacher, ids, 20, left_pad=[6, 0], max_length=48)
+
+
+QWEN2_WINDOWS = {
+    "no layer": (4, ["full_attention"] * 4),
+    "some layers": (2, ["full_attention"] * 2 + ["sliding_attention"] * 2),
+    "every layer": (0, ["sliding_attention"] * 4),
+}
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["layer_types", "max_window_layers"])
+@pytest.mark.parametrize("case", list(QWEN2_WINDOWS))
+def test_qwen2_sliding_windows_match_transformers(tmp_path, case, legacy):
+    """Qwen2 windows only layers ``max_window_layers`` and above (``layer_types`` when the
+    config has it): the teacher, and the students seeded from it, against transformers on
+    sequences past the 8-token window."""
+    from mmdistill.seeding import seed
+
+    first, types = QWEN2_WINDOWS[case]
+    hf_model = write_hf_model(
+        tmp_path, "qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=first
+    )
+    assert hf_model.config.layer_types == types
+    if legacy:  # a config.json written before transformers added layer_types
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        del cfg["layer_types"]
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    teacher = load_teacher(str(tmp_path))
+    windows = [s.sliding_window for s in teacher.config.stacks for _ in range(s.num_layers)]
+    assert windows == [8 if t == "sliding_attention" else None for t in types]
+    assert teacher.config.teacher["verified"]["layers"] == sorted({0, 1, types.index(types[-1])})
+    compare_logits(hf_model, teacher)
+    ids = torch.randint(0, 101, (2, 37), generator=torch.Generator().manual_seed(4))
+    for layout in ("every:2", "none"):
+        student = seed(teacher, layout)
+        check_cached_generation(student, ids, 20, chunk_size=8)
+        check_cached_generation(student, ids, 20, left_pad=[6, 0], max_length=48)
+
+
+def test_a_planted_adapter_bug_is_caught_at_seed_naming_the_layer(tmp_path, monkeypatch, capfd):
+    """Keys and values swapped by the adapter: shapes agree, transformers' forward does not."""
+    from mmdistill.teachers import hf
+    from mmdistill.teachers.base import Rule
+
+    write_hf_model(tmp_path / "teacher", "llama")
+    swapped = [
+        Rule(hf.LAYER + r"self_attn\.k_proj\.weight", "layers.{0}.mixer.v_proj.weight"),
+        Rule(hf.LAYER + r"self_attn\.v_proj\.weight", "layers.{0}.mixer.k_proj.weight"),
+        *hf.LLAMA_RULES,
+    ]
+    monkeypatch.setattr(hf, "LLAMA_RULES", swapped)
+    with pytest.raises(TeacherError, match=r"LlamaForCausalLM at layer 0 .*--no-verify"):
+        load_teacher(str(tmp_path / "teacher"))
+    out = tmp_path / "student"
+    argv = ["mmdistill", "seed", "--teacher", str(tmp_path / "teacher"), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 2 and not out.exists()
+    assert "at layer 0" in " ".join(capfd.readouterr().err.split())
+    monkeypatch.setattr(sys, "argv", [*argv, "--no-verify"])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code in (0, None)
+    student = json.loads((out / "config.json").read_text())
+    assert student["teacher"]["verified"] == {"skipped": "verification turned off"}
+
+
+def test_a_misread_window_is_caught_before_any_weight_is_compared(tmp_path, monkeypatch):
+    from mmdistill.teachers import hf
+
+    write_hf_model(
+        tmp_path, "qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2
+    )
+    backwards = lambda self, cfg: hf.lm_from_hf(  # noqa: E731 - every layer windowed
+        cfg, hf.stack_from_hf(cfg, qkv_bias=True, sliding_window=cfg["sliding_window"])
+    )
+    monkeypatch.setattr(hf.Qwen2Adapter, "lm_config", backwards)
+    with pytest.raises(TeacherError, match="layer 0 a sliding window of 8.*gives it None"):
+        load_teacher(str(tmp_path))
+
+
+def test_remote_code_teachers_record_why_they_were_not_verified(hovle):
+    assert hovle.config.teacher["verified"] == {
+        "skipped": "transformers has no class for InternVLChatModel"
+    }
 
 
 def pack_grouped_wqkv(q, k, v, heads, kv_heads, head_dim):

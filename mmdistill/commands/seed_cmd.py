@@ -12,6 +12,7 @@ from ..errors import CheckpointError
 from ..seeding import count_parameters
 from ..seeding import seed as seed_fn
 from ..teachers import load_teacher
+from ..teachers.verify import verification_summary
 from .output import emit_json, err
 
 
@@ -33,6 +34,11 @@ def seed_command(
     ),
     seed: int = typer.Option(0, help="RNG seed for the new SSM parameters."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
+    verify: bool = typer.Option(
+        True,
+        "--verify/--no-verify",
+        help="Check the conversion against transformers' own forward first.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
 ) -> None:
     """Build a Mamba-2 / hybrid student from a teacher's attention weights (mmMamba seeding)."""
@@ -42,7 +48,7 @@ def seed_command(
         raise CheckpointError(f"{out} exists and is not empty (use --force to overwrite)")
     start = time.perf_counter()
     with err.status(f"loading teacher {teacher}"):
-        model = load_teacher(teacher, dtype=dtype)
+        model = load_teacher(teacher, dtype=dtype, verify=verify)
     with err.status("seeding mixers"):
         student = seed_fn(
             model,
@@ -60,6 +66,7 @@ def seed_command(
         "student_dir": str(out),
         "teacher": teacher,
         "adapter": student.config.teacher.get("adapter"),
+        "verified": student.config.teacher.get("verified"),
         "layers": student.config.num_layers,
         "converted_layers": converted,
         "attention_layers": kept,
@@ -68,6 +75,7 @@ def seed_command(
     }
     table = Table(title="seeded student", show_header=False)
     table.add_row("teacher", f"{teacher} ({report['adapter']})")
+    table.add_row("verified", verification_summary(report["verified"]))
     table.add_row(
         "layers",
         f"{len(converted)} converted to Mamba-2, {len(kept)} attention kept {kept if len(kept) < 17 else ''}",

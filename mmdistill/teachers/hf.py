@@ -59,12 +59,13 @@ def stack_from_hf(cfg: dict, name: str = "llm", **overrides) -> StackConfig:
         raise TeacherError(f"unsupported teacher config: {exc}") from exc
 
 
-def lm_from_hf(cfg: dict, stack: StackConfig, **overrides) -> LMConfig:
+def lm_from_hf(cfg: dict, stack: StackConfig | list[StackConfig], **overrides) -> LMConfig:
+    stacks = stack if isinstance(stack, list) else [stack]
     values = dict(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
-        stacks=[stack],
-        final_norm_eps=stack.rms_norm_eps,
+        stacks=stacks,
+        final_norm_eps=stacks[0].rms_norm_eps,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
@@ -99,6 +100,40 @@ class LlamaAdapter(TeacherAdapter):
         return LLAMA_RULES
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_windows(cfg: dict, window: int | None, legacy: list[bool]) -> list[int | None]:
+    """Each layer's sliding window as transformers applies it: ``window`` on the layers that
+    ``cfg["layer_types"]`` calls ``sliding_attention`` (``legacy[i]`` says whether layer ``i`` is
+    one when a config predates ``layer_types``), ``None`` (full attention) on the others."""
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if types is None:
+        return [window if sliding else None for sliding in legacy]
+    if len(types) != n or any(t not in LAYER_TYPES for t in types):
+        raise TeacherError(
+            f"config.json's layer_types must list {n} of {', '.join(LAYER_TYPES)}; got {types}"
+        )
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def stacks_for_windows(cfg: dict, windows: list[int | None], **overrides) -> list[StackConfig]:
+    """One :class:`StackConfig` per run of consecutive layers sharing a window (a single stack
+    when every layer has the same one)."""
+    runs: list[list[int | None]] = []
+    for window in windows:
+        if runs and runs[-1][0] == window:
+            runs[-1].append(window)
+        else:
+            runs.append([window])
+    names = ["llm"] if len(runs) == 1 else [f"llm.{k}" for k in range(len(runs))]
+    return [
+        stack_from_hf(cfg, name=name, num_layers=len(run), sliding_window=run[0], **overrides)
+        for name, run in zip(names, runs, strict=True)
+    ]
+
+
 class MistralAdapter(LlamaAdapter):
     name = "mistral"
     architectures = ("MistralForCausalLM",)
@@ -110,18 +145,21 @@ class MistralAdapter(LlamaAdapter):
 
 
 class Qwen2Adapter(LlamaAdapter):
+    """Qwen2's window applies only when ``use_sliding_window`` is true, and then to the layers
+    ``layer_types`` marks ``sliding_attention``; configs without ``layer_types`` mark layers
+    ``max_window_layers`` and above (transformers' ``Qwen2Config``)."""
+
     name = "qwen2"
     architectures = ("Qwen2ForCausalLM",)
-    description = "Qwen2 / Qwen2.5 (q/k/v biases)"
+    description = "Qwen2 / Qwen2.5 (q/k/v biases; per-layer sliding windows)"
 
     def lm_config(self, hf_config: dict) -> LMConfig:
         window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window") else None
-        if window is not None and hf_config.get("max_window_layers", 0) < hf_config.get(
-            "num_hidden_layers", 0
-        ):
-            raise TeacherError("Qwen2 with sliding windows on only some layers is not supported")
-        stack = stack_from_hf(hf_config, qkv_bias=True, o_bias=False, sliding_window=window)
-        return lm_from_hf(hf_config, stack)
+        first = hf_config.get("max_window_layers", 28)
+        legacy = [window is not None and i >= first for i in range(hf_config["num_hidden_layers"])]
+        windows = layer_windows(hf_config, window, legacy)
+        stacks = stacks_for_windows(hf_config, windows, qkv_bias=True, o_bias=False)
+        return lm_from_hf(hf_config, stacks)
 
 
 def split_grouped_wqkv(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -12,8 +13,11 @@ import torch
 from ..errors import TeacherError
 from ..files import atomic_directory, cache_root, read_safetensors, sha256_file, weight_files
 from ..model import DecoderLM, build_from_state_dict, expected_shapes
-from .base import apply_rules, find_adapter
+from .base import TeacherAdapter, apply_rules, find_adapter
 from .builtin import builtin_teacher
+from .verify import verify_conversion
+
+log = logging.getLogger(__name__)
 
 ALIASES = {"hovle": "OpenGVLab/HoVLE"}
 
@@ -118,39 +122,76 @@ def read_config(directory: Path) -> dict:
         raise TeacherError(f"{directory / 'config.json'} is not valid JSON: {exc}") from exc
 
 
+def convert_checkpoint(
+    adapter: TeacherAdapter,
+    hf_config: dict,
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    dtype: torch.dtype | None = None,
+) -> DecoderLM:
+    """The canonical model of a checkpoint (``config.json`` and weights) through ``adapter``."""
+    try:
+        config = adapter.lm_config(hf_config)
+    except (KeyError, ValueError) as exc:
+        raise TeacherError(f"{source}: unsupported or malformed config.json: {exc}") from exc
+    with torch.device("meta"):
+        shapes = expected_shapes(DecoderLM(config))
+    converted = apply_rules(adapter.rules(hf_config), tensors, shapes, source)
+    return build_from_state_dict(config, converted, dtype)
+
+
 def load_teacher(
-    source: str, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+    source: str,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
 ) -> DecoderLM:
     """Load a teacher from ``source`` (alias, directory, ``.gguf`` or hub id).
 
+    With ``verify`` (the default) the conversion is first checked against transformers' own
+    forward on a truncated copy of the weights (:mod:`mmdistill.teachers.verify`); without it, a
+    warning is logged.
+
     Returns:
         A frozen, eval-mode :class:`DecoderLM` whose ``config.teacher`` records the source, the
-        adapter, the sha256 of each weight file and the teacher's own ``config.json``.
+        adapter, the sha256 of each weight file, the teacher's own ``config.json`` and what the
+        verification checked (``verified``).
+
+    Raises:
+        TeacherError: the source cannot be read or converted, or the verification found a
+            difference.
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     directory = resolve_source(str(source))
     hf_config = read_config(directory)
     adapter = find_adapter(hf_config, str(source))
-    try:
-        config = adapter.lm_config(hf_config)
-    except (KeyError, ValueError) as exc:
-        raise TeacherError(f"{source}: unsupported or malformed config.json: {exc}") from exc
     tensors = read_safetensors(directory)
-    with torch.device("meta"):
-        shapes = expected_shapes(DecoderLM(config))
-    converted = apply_rules(adapter.rules(hf_config), tensors, shapes, str(source))
-    config.teacher = {
+    model = convert_checkpoint(adapter, hf_config, tensors, str(source), dtype)
+    if verify:
+        checked = verify_conversion(
+            hf_config,
+            tensors,
+            model.config,
+            lambda cfg, weights: convert_checkpoint(adapter, cfg, weights, str(source)),
+            str(source),
+            adapter.name,
+        )
+    else:
+        log.warning("%s: conversion not verified against transformers (--no-verify)", source)
+        checked = {"skipped": "verification turned off"}
+    model.config.teacher = {
         "source": str(source),
         "directory": str(directory.resolve()),
         "adapter": adapter.name,
         "architectures": hf_config.get("architectures"),
         "weights_sha256": {p.name: sha256_file(p) for p in weight_files(directory)},
         "config": hf_config,
+        "verified": checked,
     }
-    if config.chat_template is None:
-        config.chat_template = read_chat_template(directory)
-    model = build_from_state_dict(config, converted, dtype).to(device)
+    if model.config.chat_template is None:
+        model.config.chat_template = read_chat_template(directory)
+    model = model.to(device)
     model.requires_grad_(False)
     return model
 
