@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kernels.attention import decode_attention
-from .mixer import Mamba2Mixer, MixerConfig, MixerState, at_least_fp32
+from .mixer import TEACHER_FIELDS, Mamba2Mixer, MixerConfig, MixerState, at_least_fp32
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 # SDPA implementations allowed when attention reads a KV cache (see Attention.forward).
@@ -41,6 +41,7 @@ class StackConfig:
         rope_theta: RoPE base; ``rope_scaling`` an HF-style dict (``rope_type`` in
             :data:`ROPE_TYPES`) or ``None``.
         qkv_bias, o_bias, mlp_bias: which projections have biases.
+        qk_norm: an RMSNorm over each query and key head before RoPE (Qwen3).
         hidden_act: MLP activation (key of :data:`ACTIVATIONS`).
         sliding_window: attention window in tokens, or ``None``.
         max_position_embeddings: the teacher's trained context (used by dynamic RoPE scaling).
@@ -59,6 +60,7 @@ class StackConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False
     hidden_act: str = "silu"
     sliding_window: int | None = None
     max_position_embeddings: int = 4096
@@ -333,14 +335,20 @@ class Attention(nn.Module):
             hidden_size, config.num_kv_heads * config.head_dim, bias=config.qkv_bias
         )
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, hidden_size, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
 
     def forward(
         self, x: torch.Tensor, ctx: AttnContext, state: KVState | None = None
     ) -> torch.Tensor:
         """``x`` ``[b, l, hidden]`` -> ``[b, l, hidden]``; appends to ``state`` when given."""
         b, l, _ = x.shape
-        q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, l, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, l, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
@@ -425,7 +433,7 @@ class DecoderLayer(nn.Module):
 def mixer_config_for(hidden_size: int, stack: StackConfig, options: dict | None) -> MixerConfig:
     """The mixer that replaces one attention module of ``stack`` (sizes from the teacher)."""
     options = dict(options or {})
-    for fixed in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"):
+    for fixed in TEACHER_FIELDS:
         if fixed in options:
             raise ValueError(f"mixer.{fixed} comes from the teacher and cannot be set")
     return MixerConfig(
@@ -434,6 +442,7 @@ def mixer_config_for(hidden_size: int, stack: StackConfig, options: dict | None)
         num_kv_heads=stack.num_kv_heads,
         head_dim=stack.head_dim,
         qkv_bias=stack.qkv_bias,
+        bc_norm=stack.qk_norm,
         out_bias=stack.o_bias,
         norm_eps=options.pop("norm_eps", stack.rms_norm_eps),
         **options,

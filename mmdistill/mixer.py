@@ -48,6 +48,18 @@ GATE_ORDERS = ("before_norm", "after_norm")
 CHUNK_DEFAULTS = {"triton": 256, "torch": 64, "naive": 64}
 
 
+# MixerConfig fields a seeded mixer takes from the teacher's attention (never set by a recipe).
+TEACHER_FIELDS = (
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "qkv_bias",
+    "bc_norm",
+    "out_bias",
+)
+
+
 @dataclass
 class MixerConfig:
     """Sizes and options of one :class:`Mamba2Mixer`; serialised into student configs.
@@ -62,8 +74,10 @@ class MixerConfig:
         gate_order: ``before_norm`` (standard Mamba-2, exportable) or ``after_norm`` (mmMamba).
         use_D: add a ``D * x`` skip (zero-initialised).
         qkv_bias: biases on the C/B/x projections (Qwen2-style teachers).
+        bc_norm: a per-head RMSNorm on the B and C projections before the conv (seeded from the
+            k/q norms of teachers that have them, e.g. Qwen3).
         out_bias: bias on out_proj.
-        norm_eps: epsilon of the gated RMSNorm.
+        norm_eps: epsilon of the gated RMSNorm (and of the B/C norms).
         chunk_size: SSD chunk length; ``None`` (default) picks one per backend
             (:data:`CHUNK_DEFAULTS`). The result does not depend on it, only speed and memory.
         backend: SSD implementation, see :data:`mmdistill.kernels.BACKENDS`.
@@ -80,6 +94,7 @@ class MixerConfig:
     gate_order: str = "before_norm"
     use_D: bool = False
     qkv_bias: bool = False
+    bc_norm: bool = False
     out_bias: bool = False
     norm_eps: float = 1e-5
     chunk_size: int | None = None
@@ -198,6 +213,15 @@ def _assign_(current: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return new.clone()
 
 
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over each ``weight.numel()``-wide head of ``x``'s last dimension, computed in
+    float32 and cast back before the weight (the teachers' q/k norm order)."""
+    heads = x.view(*x.shape[:-1], -1, weight.numel())
+    xf = at_least_fp32(heads)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf.to(x.dtype)).view(x.shape)
+
+
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """Upcast half precision to float32; float64 stays float64 (reference tests)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -225,6 +249,9 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(h))
         self.D = nn.Parameter(torch.zeros(h)) if c.use_D else None
         self.norm_weight = nn.Parameter(torch.ones(h * p))
+        if c.bc_norm:
+            self.b_norm_weight = nn.Parameter(torch.ones(n))
+            self.c_norm_weight = nn.Parameter(torch.ones(n))
         self.out_proj = nn.Linear(h * p, c.hidden_size, bias=c.out_bias)
         self._packed_weight: torch.Tensor | None = None
         self._packed_bias: torch.Tensor | None = None
@@ -314,6 +341,19 @@ class Mamba2Mixer(nn.Module):
                 )
         return F.linear(u, weight, bias)
 
+    def _in_proj(self, u: torch.Tensor) -> torch.Tensor:
+        """The packed projection ``[z | x | B | C | dt]``, with B and C normalised per head when
+        the mixer has B/C norms."""
+        zxbcdt = self._packed_in_proj(u)
+        c = self.config
+        if not c.bc_norm:
+            return zxbcdt
+        h, g, p, n = c.num_heads, c.num_kv_heads, c.head_dim, c.d_state
+        z, x, B, C, dt = zxbcdt.split([h * p, g * p, g * n, h * n, h], dim=-1)
+        B = head_rms_norm(B, self.b_norm_weight, c.norm_eps)
+        C = head_rms_norm(C, self.c_norm_weight, c.norm_eps)
+        return torch.cat([z, x, B, C, dt], dim=-1)
+
     def _conv(self, xbc: torch.Tensor, state: MixerState | None) -> torch.Tensor:
         """Causal depthwise conv + SiLU over ``xbc`` ``[b, l, conv_dim]``; advances ``state``."""
         k = self.config.conv_kernel
@@ -378,7 +418,7 @@ class Mamba2Mixer(nn.Module):
         c = self.config
         b, l, _ = hidden_states.shape
         h, g, p, n = c.num_heads, c.num_kv_heads, c.head_dim, c.d_state
-        z, xbc, dt = self._packed_in_proj(hidden_states).split([h * p, c.conv_dim, h], dim=-1)
+        z, xbc, dt = self._in_proj(hidden_states).split([h * p, c.conv_dim, h], dim=-1)
         keep = None
         if mask is not None:
             keep = mask.to(xbc.dtype)[..., None]
@@ -437,7 +477,7 @@ class Mamba2Mixer(nn.Module):
         c = self.config
         b, l, _ = hidden_states.shape
         h, p = c.num_heads, c.head_dim
-        zxbcdt = self._packed_in_proj(hidden_states)
+        zxbcdt = self._in_proj(hidden_states)
         if state is not None and l == 1 and mask is None and self._can_decode_fused(state):
             return self.out_proj(self._decode_fused(zxbcdt[:, 0], state)[:, None])
         z, xbc, dt = zxbcdt.split([h * p, c.conv_dim, h], dim=-1)

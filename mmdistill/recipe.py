@@ -34,7 +34,7 @@ from pydantic import (
 
 from .attention_layers import parse_attention_layers
 from .errors import RecipeError
-from .mixer import MixerConfig
+from .mixer import TEACHER_FIELDS, MixerConfig
 from .roles import MIXER_ROLES, Role
 
 BUILTIN_DATA = ("builtin:shapes", "builtin:shapes/eval", "builtin:shapes/text")
@@ -73,7 +73,7 @@ class StudentSpec(_Strict):
     @field_validator("mixer")
     @classmethod
     def _mixer(cls, value):
-        fixed = sorted(set(value) & {"hidden_size", "num_heads", "num_kv_heads", "head_dim"})
+        fixed = sorted(set(value) & set(TEACHER_FIELDS))
         if fixed:
             raise ValueError(f"{', '.join(fixed)} come(s) from the teacher and cannot be set")
         unknown = sorted(set(value) - set(MixerConfig.__dataclass_fields__))

@@ -81,6 +81,9 @@ def seed(
             fresh.b_proj.load_state_dict(attn.k_proj.state_dict())
             fresh.x_proj.load_state_dict(attn.v_proj.state_dict())
             fresh.out_proj.load_state_dict(attn.o_proj.state_dict())
+            if fresh.config.bc_norm:
+                fresh.c_norm_weight.copy_(attn.q_norm.weight)
+                fresh.b_norm_weight.copy_(attn.k_norm.weight)
         for name, tensor in fresh.state_dict().items():
             student_state[f"layers.{i}.mixer.{name}"] = tensor.clone()
     missing = set(student.state_dict()) - set(student_state)

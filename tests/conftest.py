@@ -45,14 +45,20 @@ def write_hf_model(directory, family: str = "llama", seed: int = 0, **overrides)
         LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     classes = {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM),
+        "phi3": (Phi3Config, Phi3ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     }
     config_cls, model_cls = classes[family]
     torch.manual_seed(seed)

@@ -229,7 +229,9 @@ def test_decode_kernel_matches_reference(dtype, gate_before, use_d, k):
     assert torch.equal(conv_t, conv_r)
 
 
-def make_mixer(dtype, conv_kernel=2, gate_order="before_norm", use_D=False, bias=False, kv=2):
+def make_mixer(
+    dtype, conv_kernel=2, gate_order="before_norm", use_D=False, bias=False, kv=2, bc_norm=False
+):
     from mmdistill.mixer import Mamba2Mixer, MixerConfig
 
     torch.manual_seed(0)
@@ -242,6 +244,7 @@ def make_mixer(dtype, conv_kernel=2, gate_order="before_norm", use_D=False, bias
         gate_order=gate_order,
         use_D=use_D,
         qkv_bias=bias,
+        bc_norm=bc_norm,
         chunk_size=64,
     )
     m = Mamba2Mixer(cfg)
@@ -253,15 +256,18 @@ def make_mixer(dtype, conv_kernel=2, gate_order="before_norm", use_D=False, bias
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "conv_kernel,gate_order,use_D,bias,kv",
+    "conv_kernel,gate_order,use_D,bias,kv,bc_norm",
     [
-        (2, "before_norm", False, False, 2),
-        (4, "after_norm", True, True, 1),
-        (3, "before_norm", True, False, 4),
+        (2, "before_norm", False, False, 2, False),
+        (4, "after_norm", True, True, 1, False),
+        (3, "before_norm", True, False, 4, False),
+        (2, "before_norm", False, True, 2, True),
     ],
 )
-def test_mixer_fused_matches_torch_backend(dtype, conv_kernel, gate_order, use_D, bias, kv):
-    m = make_mixer(dtype, conv_kernel, gate_order, use_D, bias, kv)
+def test_mixer_fused_matches_torch_backend(
+    dtype, conv_kernel, gate_order, use_D, bias, kv, bc_norm
+):
+    m = make_mixer(dtype, conv_kernel, gate_order, use_D, bias, kv, bc_norm)
     u = torch.randn(2, 77, 64, device=CUDA).to(dtype)
     results = []
     for backend in ("triton", "torch"):
@@ -280,11 +286,12 @@ def test_mixer_fused_matches_torch_backend(dtype, conv_kernel, gate_order, use_D
         assert rel(g_t[key], g_r[key]) < 3 * TOL[dtype], key
 
 
+@pytest.mark.parametrize("bc_norm", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixer_fused_prefill_decode_and_mask(dtype):
+def test_mixer_fused_prefill_decode_and_mask(dtype, bc_norm):
     from mmdistill.mixer import MixerState
 
-    m = make_mixer(dtype, conv_kernel=4, use_D=True)
+    m = make_mixer(dtype, conv_kernel=4, use_D=True, bc_norm=bc_norm)
     u = torch.randn(3, 40, 64, device=CUDA).to(dtype)
     mask = torch.ones(3, 40, dtype=torch.long, device=CUDA)
     mask[1, :9] = 0

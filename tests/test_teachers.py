@@ -40,6 +40,11 @@ def compare_logits(hf_model, teacher, length=37):
         ("llama", {"attention_bias": True, "mlp_bias": True}),
         ("qwen2", {}),
         ("mistral", {"sliding_window": 16}),
+        ("qwen3", {"head_dim": 16}),
+        ("qwen3", {"attention_bias": True, "use_sliding_window": True, "sliding_window": 8}),
+        ("qwen3", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}),
+        ("phi3", {"pad_token_id": 0, "eos_token_id": 2}),
+        ("phi3", {"pad_token_id": 0, "eos_token_id": 2, "sliding_window": 16}),
     ],
 )
 def test_hf_teacher_matches_transformers(tmp_path, family, overrides):
@@ -88,6 +93,43 @@ def test_qwen2_sliding_windows_match_transformers(tmp_path, case, legacy):
         student = seed(teacher, layout)
         check_cached_generation(student, ids, 20, chunk_size=8)
         check_cached_generation(student, ids, 20, left_pad=[6, 0], max_length=48)
+
+
+def test_qwen3_students_carry_the_query_and_key_norms_into_c_and_b(tmp_path):
+    from mmdistill.seeding import seed
+
+    write_hf_model(tmp_path, "qwen3", head_dim=16)
+    teacher = load_teacher(str(tmp_path))
+    ids = torch.randint(0, 101, (2, 37), generator=torch.Generator().manual_seed(4))
+    for layout in ("every:2", "none"):
+        student = seed(teacher, layout)
+        for layer in student.mixer_layers():
+            attn, mixer = teacher.layers[layer].mixer, student.layers[layer].mixer
+            assert mixer.config.bc_norm and mixer.config.d_state == 16
+            assert torch.equal(mixer.c_norm_weight, attn.q_norm.weight)
+            assert torch.equal(mixer.b_norm_weight, attn.k_norm.weight)
+        check_cached_generation(student, ids, 20, chunk_size=8)
+        check_cached_generation(student, ids, 20, left_pad=[6, 0], max_length=48)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"partial_rotary_factor": 0.75}, "RoPE on part of each head"),
+        (
+            {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 4}},
+            "rope_scaling type 'longrope' is not supported",
+        ),
+    ],
+)
+def test_phi3_variants_the_canonical_model_lacks_are_refused(tmp_path, change, message):
+    write_hf_model(tmp_path, "phi3", pad_token_id=0, eos_token_id=2)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TeacherError, match=message):
+        load_teacher(str(tmp_path))
 
 
 def test_a_planted_adapter_bug_is_caught_at_seed_naming_the_layer(tmp_path, monkeypatch, capfd):

@@ -1,4 +1,4 @@
-"""Adapters for Hugging Face decoder-only LMs: Llama (incl. SmolLM2), Mistral, Qwen2, and
+"""Adapters for Hugging Face decoder-only LMs: Llama (incl. SmolLM2), Mistral, Qwen2, Qwen3, Phi-3, and
 InternLM2 (``wqkv`` grouped per KV head, docs/hovle_format.md). All read ``config.json`` as a plain
 dict, so remote-code models need no ``trust_remote_code``."""
 
@@ -154,12 +154,84 @@ class Qwen2Adapter(LlamaAdapter):
     description = "Qwen2 / Qwen2.5 (q/k/v biases; per-layer sliding windows)"
 
     def lm_config(self, hf_config: dict) -> LMConfig:
+        return lm_from_hf(hf_config, self.stacks(hf_config, qkv_bias=True, o_bias=False))
+
+    @staticmethod
+    def stacks(hf_config: dict, **overrides) -> list[StackConfig]:
         window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window") else None
         first = hf_config.get("max_window_layers", 28)
         legacy = [window is not None and i >= first for i in range(hf_config["num_hidden_layers"])]
-        windows = layer_windows(hf_config, window, legacy)
-        stacks = stacks_for_windows(hf_config, windows, qkv_bias=True, o_bias=False)
-        return lm_from_hf(hf_config, stacks)
+        return stacks_for_windows(hf_config, layer_windows(hf_config, window, legacy), **overrides)
+
+
+class Qwen3Adapter(Qwen2Adapter):
+    """Qwen3: Qwen2's layer (and windows) with an RMSNorm on each query and key head before
+    RoPE, and biases only when ``attention_bias`` says so. Seeded mixers get the same norms on
+    C and B, copied from the teacher."""
+
+    name = "qwen3"
+    architectures = ("Qwen3ForCausalLM",)
+    description = "Qwen3 (q/k norms; per-layer sliding windows)"
+
+    def lm_config(self, hf_config: dict) -> LMConfig:
+        return lm_from_hf(hf_config, self.stacks(hf_config, qk_norm=True))
+
+    def rules(self, hf_config: dict) -> list[Rule]:
+        norms = Rule(LAYER + r"self_attn\.([qk])_norm\.weight", "layers.{0}.mixer.{1}_norm.weight")
+        return [norms, *LLAMA_RULES]
+
+
+def rotary_fraction(cfg: dict) -> float:
+    """The fraction of each head RoPE rotates (``partial_rotary_factor``, top level or in
+    transformers 5's ``rope_parameters``)."""
+    params = cfg.get("rope_parameters") or {}
+    return float(cfg.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0)))
+
+
+class Phi3Adapter(TeacherAdapter):
+    """Phi-3 and Phi-4: Llama's layer with q/k/v fused into ``qkv_proj`` (rows q, k, v) and
+    gate/up into ``gate_up_proj`` (rows gate, up); a sliding window, when configured, on every
+    layer. RoPE on part of each head (Phi-4-mini) and ``longrope`` are refused."""
+
+    name = "phi3"
+    architectures = ("Phi3ForCausalLM",)
+    description = "Phi-3 / Phi-4 (fused qkv_proj and gate_up_proj)"
+
+    def lm_config(self, hf_config: dict) -> LMConfig:
+        fraction = rotary_fraction(hf_config)
+        if fraction != 1.0:
+            raise TeacherError(
+                f"RoPE on part of each head (partial_rotary_factor {fraction}, e.g. Phi-4-mini) "
+                "is not supported: the canonical attention rotates whole heads"
+            )
+        stack = stack_from_hf(hf_config, sliding_window=hf_config.get("sliding_window"))
+        return lm_from_hf(hf_config, stack)
+
+    def rules(self, hf_config: dict) -> list[Rule]:
+        stack = stack_from_hf(hf_config)
+        q, kv = stack.num_heads * stack.head_dim, stack.num_kv_heads * stack.head_dim
+
+        def qkv(tensor: torch.Tensor, match: re.Match) -> dict[str, torch.Tensor]:
+            if tensor.shape[0] != q + 2 * kv:
+                raise TeacherError(
+                    f"{match.group(0)} has {tensor.shape[0]} rows, expected {q + 2 * kv}"
+                )
+            parts = tensor.split([q, kv, kv])
+            i = match.group(1)
+            return {
+                f"layers.{i}.mixer.{n}_proj.weight": t for n, t in zip("qkv", parts, strict=True)
+            }
+
+        def gate_up(tensor: torch.Tensor, match: re.Match) -> dict[str, torch.Tensor]:
+            gate, up = tensor.chunk(2)
+            i = match.group(1)
+            return {f"layers.{i}.mlp.gate_proj.weight": gate, f"layers.{i}.mlp.up_proj.weight": up}
+
+        return [
+            Rule(LAYER + r"self_attn\.qkv_proj\.weight", qkv),
+            Rule(LAYER + r"mlp\.gate_up_proj\.weight", gate_up),
+            *LLAMA_RULES,
+        ]
 
 
 def split_grouped_wqkv(
@@ -236,5 +308,12 @@ class InternLM2Adapter(TeacherAdapter):
         ]
 
 
-for _adapter in (LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), InternLM2Adapter()):
+for _adapter in (
+    LlamaAdapter(),
+    MistralAdapter(),
+    Qwen2Adapter(),
+    Qwen3Adapter(),
+    Phi3Adapter(),
+    InternLM2Adapter(),
+):
     register_adapter(_adapter)
