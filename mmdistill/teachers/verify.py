@@ -96,13 +96,18 @@ def truncated_checkpoint(
 
 def reference_model(cls, hf_config: dict, tensors: dict[str, torch.Tensor]):
     """transformers' own model of ``hf_config`` holding ``tensors`` (float32, eager attention)."""
+    from transformers.initialization import no_init_weights
+
     config = cls.config_class.from_dict(copy.deepcopy(hf_config))
     config._attn_implementation = "eager"
-    model = cls(config).float().eval()
+    with no_init_weights():  # every weight is loaded next: skip the random initialisation
+        model = cls(config).float().eval()
     result = model.load_state_dict(
-        {k: v.float() for k, v in tensors.items()}, strict=False, assign=False
+        {k: v.float() for k, v in tensors.items()}, strict=False, assign=True
     )
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:
+        model.tie_weights()
     missing = [k for k in result.missing_keys if not (tied and k == "lm_head.weight")]
     if missing:
         raise TeacherError(
