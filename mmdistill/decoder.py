@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import CausalBias
 
 from .kernels.attention import decode_attention
 from .mixer import TEACHER_FIELDS, Mamba2Mixer, MixerConfig, MixerState, at_least_fp32
@@ -41,7 +42,12 @@ class StackConfig:
         rope_theta: RoPE base; ``rope_scaling`` an HF-style dict (``rope_type`` in
             :data:`ROPE_TYPES`) or ``None``.
         qkv_bias, o_bias, mlp_bias: which projections have biases.
-        qk_norm: an RMSNorm over each query and key head before RoPE (Qwen3).
+        qk_norm: an RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3).
+        attn_scale: the attention's score scale (``None``: ``head_dim ** -0.5``; Gemma:
+            ``query_pre_attn_scalar ** -0.5``).
+        attn_softcap: scores become ``cap * tanh(scores / cap)`` before the softmax (Gemma 2).
+        sandwich_norms: RMSNorms on the attention and MLP outputs too, before each residual add
+            (Gemma 2/3: ``post_mixer_norm``, ``post_mlp_norm``).
         hidden_act: MLP activation (key of :data:`ACTIVATIONS`).
         sliding_window: attention window in tokens, or ``None``.
         max_position_embeddings: the teacher's trained context (used by dynamic RoPE scaling).
@@ -61,6 +67,9 @@ class StackConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    sandwich_norms: bool = False
     hidden_act: str = "silu"
     sliding_window: int | None = None
     max_position_embeddings: int = 4096
@@ -325,6 +334,8 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
+        self.scale = config.attn_scale
+        self.softcap = config.attn_softcap
         self.q_proj = nn.Linear(
             hidden_size, config.num_heads * config.head_dim, bias=config.qkv_bias
         )
@@ -353,6 +364,8 @@ class Attention(nn.Module):
         q = apply_rope(q, ctx.cos, ctx.sin)
         k = apply_rope(k, ctx.cos, ctx.sin)
         if state is not None and state.decodes_on_device and l == 1:
+            if self.scale is not None or self.softcap is not None:
+                raise ValueError("the on-device decode step has the default attention scale only")
             # Graph-replayable decode: attend over the whole static buffer up to its device-side
             # fill level (the callers that track it on the device have no padding or window).
             k_all, v_all = state.update(k, v)
@@ -366,16 +379,43 @@ class Attention(nn.Module):
         # the flash kernel (benchmarks/attn_decode.py, docs/benchmarks.md). Such calls leave
         # cuDNN out; a prompt's first pass (as many keys as queries) keeps the default.
         reads_cache = k.shape[-2] != q.shape[-2]
-        with sdpa_kernel(CACHED_SDPA_BACKENDS) if reads_cache else nullcontext():
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=ctx.attn_mask,
-                is_causal=ctx.is_causal and ctx.attn_mask is None,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )
+        if self.softcap is not None:
+            out = softcapped_attention(q, k, v, ctx, self.scale, self.softcap)
+        else:
+            with sdpa_kernel(CACHED_SDPA_BACKENDS) if reads_cache else nullcontext():
+                out = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=ctx.attn_mask,
+                    is_causal=ctx.is_causal and ctx.attn_mask is None,
+                    enable_gqa=self.num_heads != self.num_kv_heads,
+                    scale=self.scale,
+                )
         return self.o_proj(out.transpose(1, 2).reshape(b, l, self.num_heads * self.head_dim))
+
+
+def softcapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ctx: AttnContext,
+    scale: float | None,
+    cap: float,
+) -> torch.Tensor:
+    """Attention whose scores are capped, ``cap * tanh(scores / cap)``, before a float32 softmax
+    (SDPA has no such step). ``q`` ``[b, h, l, d]``, ``k``/``v`` ``[b, kv_h, t, d]``."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / cap) * cap
+    l, t = q.shape[-2], k.shape[-2]
+    allowed = ctx.attn_mask
+    if allowed is None or isinstance(allowed, CausalBias):
+        allowed = torch.ones(l, t, dtype=torch.bool, device=q.device)
+        allowed = allowed.tril(t - l) if ctx.is_causal or ctx.attn_mask is not None else allowed
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.float().softmax(-1).to(q.dtype)) @ v
 
 
 class MLP(nn.Module):
@@ -407,6 +447,9 @@ class DecoderLayer(nn.Module):
         )
         self.post_norm = RMSNorm(hidden_size, config.rms_norm_eps)
         self.mlp = MLP(hidden_size, config)
+        if config.sandwich_norms:
+            self.post_mixer_norm = RMSNorm(hidden_size, config.rms_norm_eps)
+            self.post_mlp_norm = RMSNorm(hidden_size, config.rms_norm_eps)
 
     @property
     def is_attention(self) -> bool:
@@ -425,8 +468,10 @@ class DecoderLayer(nn.Module):
         """
         normed = self.input_norm(x)
         mixed = self.run_mixer(normed, ctx, state)
-        out = x + mixed
-        out = out + self.mlp(self.post_norm(out))
+        sandwich = hasattr(self, "post_mixer_norm")
+        out = x + (self.post_mixer_norm(mixed) if sandwich else mixed)
+        fed = self.mlp(self.post_norm(out))
+        out = out + (self.post_mlp_norm(fed) if sandwich else fed)
         return (out, (normed, mixed)) if capture else out
 
 

@@ -90,6 +90,12 @@ class GraphDecoder:
             windowed = [s for s in model.config.stacks if s.sliding_window is not None]
             if windowed:
                 raise ValueError("GraphDecoder does not support sliding-window attention")
+            custom = [s for s in model.config.stacks if s.attn_scale or s.attn_softcap]
+            if custom:
+                raise ValueError(
+                    "GraphDecoder supports attention with the default score scale and no "
+                    "soft-capping only"
+                )
         if capture and model.device.type != "cuda":
             raise ValueError("GraphDecoder needs a model on a CUDA device")
         self.model = model

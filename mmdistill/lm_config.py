@@ -19,9 +19,12 @@ class LMConfig:
         stacks: the decoder stacks in order.
         layer_types: ``"attention"`` or ``"mamba"`` for each layer of the flat list.
         mixer: options for the Mamba-2 mixers (``conv_kernel``, ``gate_order``, ...).
-        front_end: ``{"type": "text"}`` or a registered multimodal front-end with its settings.
+        front_end: ``{"type": "text"}`` (with ``"embedding_scale"`` when the token embeddings are
+            multiplied, e.g. Gemma's ``sqrt(hidden_size)``) or a registered multimodal front-end
+            with its settings.
         final_norm_eps: epsilon of the final RMSNorm.
         tie_word_embeddings: LM head shares the token-embedding matrix.
+        final_logit_softcap: the LM head's logits become ``cap * tanh(logits / cap)`` (Gemma 2).
         bos_token_id, eos_token_id, pad_token_id: special ids (eos may be a list).
         chat_template: Jinja or named template for chat prompts, if the teacher has one.
         teacher: provenance (source, architecture, weight hashes, the teacher's own config).
@@ -39,6 +42,7 @@ class LMConfig:
     front_end: dict = field(default_factory=lambda: {"type": "text"})
     final_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    final_logit_softcap: float | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None

@@ -219,10 +219,17 @@ class DecoderLM(nn.Module):
         if vocab is None:
             if head == "image":
                 raise ValueError("this model has no image vocabulary")
-            return self.lm_head(hidden)
+            return self.text_logits(hidden)
         if vocab.spec.mode == "shared":
-            return torch.cat([self.lm_head(hidden), vocab.head(hidden)], dim=-1)
-        return vocab.head(hidden) if head == "image" else self.lm_head(hidden)
+            return torch.cat([self.text_logits(hidden), vocab.head(hidden)], dim=-1)
+        return vocab.head(hidden) if head == "image" else self.text_logits(hidden)
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits, soft-capped (``cap * tanh(logits / cap)``) when the config has
+        ``final_logit_softcap`` (Gemma 2)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def forward(
         self,

@@ -41,6 +41,10 @@ def tiny_hf_kwargs(**overrides) -> dict:
 def write_hf_model(directory, family: str = "llama", seed: int = 0, **overrides):
     """Save a random transformers model of ``family`` to ``directory``; returns the model."""
     from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
         MistralConfig,
@@ -59,6 +63,8 @@ def write_hf_model(directory, family: str = "llama", seed: int = 0, **overrides)
         "mistral": (MistralConfig, MistralForCausalLM),
         "phi3": (Phi3Config, Phi3ForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+        "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
     }
     config_cls, model_cls = classes[family]
     torch.manual_seed(seed)

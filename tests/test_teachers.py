@@ -95,6 +95,44 @@ def test_qwen2_sliding_windows_match_transformers(tmp_path, case, legacy):
         check_cached_generation(student, ids, 20, left_pad=[6, 0], max_length=48)
 
 
+GEMMA = dict(head_dim=16, query_pre_attn_scalar=12, sliding_window=8)
+MIXED = ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("gemma2", {"attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.5}),
+        ("gemma2", {"layer_types": MIXED}),
+        ("gemma3", {"layer_types": MIXED}),
+        (
+            "gemma3",
+            {
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                }
+            },
+        ),
+    ],
+)
+def test_gemma_teachers_and_their_students_match_transformers(tmp_path, family, overrides):
+    """Gemma 2 / 3 (text): teacher logits against transformers past the 8-token window; the
+    seeded hybrid and linear students generate with the cache as they recompute."""
+    from mmdistill.seeding import seed
+
+    hf_model = write_hf_model(tmp_path, family, **{**GEMMA, **overrides})
+    teacher = load_teacher(str(tmp_path))
+    assert teacher.config.teacher["adapter"] == family
+    compare_logits(hf_model, teacher)
+    ids = torch.randint(0, 101, (2, 37), generator=torch.Generator().manual_seed(4))
+    check_cached_generation(teacher, ids, 20, chunk_size=8)
+    for layout in ("every:2", "none"):
+        student = seed(teacher, layout)
+        check_cached_generation(student, ids, 20, chunk_size=8)
+        check_cached_generation(student, ids, 20, left_pad=[6, 0], max_length=48)
+
+
 def test_qwen3_students_carry_the_query_and_key_norms_into_c_and_b(tmp_path):
     from mmdistill.seeding import seed
 

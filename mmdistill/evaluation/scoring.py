@@ -41,7 +41,7 @@ def _scored_logits(
     device = model.device
     pv = pixel_values.to(device) if pixel_values is not None else None
     out = model(input_ids=ids.to(device), pixel_values=pv, compute_logits=False)
-    return model.lm_head(out.last_hidden_state[:, :-1][targets[:, 1:].to(device)])
+    return model.head_logits(out.last_hidden_state[:, :-1][targets[:, 1:].to(device)])
 
 
 @torch.no_grad()

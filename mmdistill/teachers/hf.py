@@ -103,35 +103,46 @@ class LlamaAdapter(TeacherAdapter):
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-def layer_windows(cfg: dict, window: int | None, legacy: list[bool]) -> list[int | None]:
-    """Each layer's sliding window as transformers applies it: ``window`` on the layers that
-    ``cfg["layer_types"]`` calls ``sliding_attention`` (``legacy[i]`` says whether layer ``i`` is
-    one when a config predates ``layer_types``), ``None`` (full attention) on the others."""
+def layer_kinds(cfg: dict, legacy: list[bool]) -> list[str]:
+    """Each layer's kind, ``full_attention`` or ``sliding_attention``, as transformers reads
+    it: ``cfg["layer_types"]``, or ``legacy[i]`` (layer ``i`` slides) for configs that predate
+    ``layer_types``."""
     n = cfg["num_hidden_layers"]
     types = cfg.get("layer_types")
     if types is None:
-        return [window if sliding else None for sliding in legacy]
+        return [LAYER_TYPES[int(sliding)] for sliding in legacy]
     if len(types) != n or any(t not in LAYER_TYPES for t in types):
         raise TeacherError(
             f"config.json's layer_types must list {n} of {', '.join(LAYER_TYPES)}; got {types}"
         )
-    return [window if t == "sliding_attention" else None for t in types]
+    return list(types)
+
+
+def layer_windows(cfg: dict, window: int | None, legacy: list[bool]) -> list[int | None]:
+    """Each layer's sliding window: ``window`` on ``sliding_attention`` layers
+    (:func:`layer_kinds`), ``None`` (full attention) on the others."""
+    return [window if k == "sliding_attention" else None for k in layer_kinds(cfg, legacy)]
+
+
+def stacks_for_layers(cfg: dict, per_layer: list[dict], **overrides) -> list[StackConfig]:
+    """One :class:`StackConfig` per run of consecutive layers with equal ``per_layer`` settings
+    (e.g. ``{"sliding_window": 4096}``; a single stack when all layers agree)."""
+    runs: list[list[dict]] = []
+    for settings in per_layer:
+        if runs and runs[-1][0] == settings:
+            runs[-1].append(settings)
+        else:
+            runs.append([settings])
+    names = ["llm"] if len(runs) == 1 else [f"llm.{k}" for k in range(len(runs))]
+    return [
+        stack_from_hf(cfg, name=name, num_layers=len(run), **{**overrides, **run[0]})
+        for name, run in zip(names, runs, strict=True)
+    ]
 
 
 def stacks_for_windows(cfg: dict, windows: list[int | None], **overrides) -> list[StackConfig]:
-    """One :class:`StackConfig` per run of consecutive layers sharing a window (a single stack
-    when every layer has the same one)."""
-    runs: list[list[int | None]] = []
-    for window in windows:
-        if runs and runs[-1][0] == window:
-            runs[-1].append(window)
-        else:
-            runs.append([window])
-    names = ["llm"] if len(runs) == 1 else [f"llm.{k}" for k in range(len(runs))]
-    return [
-        stack_from_hf(cfg, name=name, num_layers=len(run), sliding_window=run[0], **overrides)
-        for name, run in zip(names, runs, strict=True)
-    ]
+    """:func:`stacks_for_layers` for layers that differ only in their window."""
+    return stacks_for_layers(cfg, [{"sliding_window": w} for w in windows], **overrides)
 
 
 class MistralAdapter(LlamaAdapter):
