@@ -21,7 +21,7 @@ from torch.nn.attention.bias import CausalBias
 from .kernels.attention import decode_attention
 from .mixer import TEACHER_FIELDS, Mamba2Mixer, MixerConfig, MixerState, at_least_fp32
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 # SDPA implementations allowed when attention reads a KV cache (see Attention.forward).
 CACHED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 ACTIVATIONS = {
@@ -124,7 +124,15 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (rotate-half convention) with HF's scaling variants."""
+    """Rotary position embedding (rotate-half convention) with HF's scaling variants.
+
+    ``yarn`` and ``longrope`` also scale cos and sin by an attention factor; ``longrope`` uses
+    its ``long_factor`` frequencies for a call whose positions pass
+    ``original_max_position_embeddings`` and its ``short_factor`` ones otherwise, as
+    transformers does per forward call. So with LongRoPE a prompt prefilled in chunks that start
+    below the switch keeps short-factor keys and differs from the same prompt in one pass (in
+    transformers too).
+    """
 
     def __init__(self, config: StackConfig):
         super().__init__()
@@ -132,23 +140,73 @@ class Rotary(nn.Module):
         scaling = dict(config.rope_scaling or {})
         self.rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         self.scaling = scaling
+        self.original_max = scaling.get(
+            "original_max_position_embeddings", config.max_position_embeddings
+        )
+        self.attention_factor = self._attention_factor()
         self.register_buffer("inv_freq", self._inv_freq(config.rope_theta), persistent=False)
 
-    def _inv_freq(self, base: float) -> torch.Tensor:
+    def _attention_factor(self) -> float:
+        s, kind = self.scaling, self.rope_type
+        if kind not in ("yarn", "longrope"):
+            return 1.0
+        if s.get("attention_factor") is not None:
+            return float(s["attention_factor"])
+        factor = s.get("factor") or self.config.max_position_embeddings / self.original_max
+        if factor <= 1:
+            return 1.0
+        if kind == "longrope":
+            return math.sqrt(1 + math.log(factor) / math.log(self.original_max))
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            return (0.1 * s["mscale"] * math.log(factor) + 1) / (
+                0.1 * s["mscale_all_dim"] * math.log(factor) + 1
+            )
+        return 0.1 * math.log(factor) + 1.0
+
+    def _inv_freq(self, base: float, long: bool = False) -> torch.Tensor:
         d = self.config.head_dim
-        inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d
+        inv = 1.0 / (base**exponents)
         if self.rope_type == "llama3":
-            s = self.scaling
-            factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-            old_ctx = s["original_max_position_embeddings"]
-            wavelen = 2 * math.pi / inv
-            low_wl, high_wl = old_ctx / low, old_ctx / high
-            scaled = torch.where(wavelen > low_wl, inv / factor, inv)
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-            medium = (wavelen >= high_wl) & (wavelen <= low_wl)
-            inv = torch.where(medium, smoothed, scaled)
+            inv = self._llama3(inv)
+        elif self.rope_type == "yarn":
+            inv = self._yarn(base, exponents)
+        elif self.rope_type == "longrope":
+            factors = self.scaling["long_factor" if long else "short_factor"]
+            inv = 1.0 / (torch.tensor(factors, dtype=torch.float32) * base**exponents)
         return inv
+
+    def _llama3(self, inv: torch.Tensor) -> torch.Tensor:
+        s = self.scaling
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_ctx = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        low_wl, high_wl = old_ctx / low, old_ctx / high
+        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        return torch.where(medium, smoothed, scaled)
+
+    def _yarn(self, base: float, exponents: torch.Tensor) -> torch.Tensor:
+        """YaRN: interpolated frequencies below a ramp over the head's dimensions, original
+        ones above it (the ramp between ``beta_slow`` and ``beta_fast`` rotations)."""
+        s, d = self.scaling, self.config.head_dim
+        factor = s.get("factor") or self.config.max_position_embeddings / self.original_max
+
+        def dim_of(rotations: float) -> float:
+            return (
+                d * math.log(self.original_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
+            )
+
+        low, high = dim_of(s.get("beta_fast") or 32), dim_of(s.get("beta_slow") or 1)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        ramp = (torch.arange(d // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)
+        keep = 1 - ramp.clamp(0, 1)
+        pos = base**exponents
+        return (1.0 / (factor * pos)) * (1 - keep) + (1.0 / pos) * keep
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
@@ -168,9 +226,14 @@ class Rotary(nn.Module):
                     d / (d - 2)
                 )
                 inv = self._inv_freq(base).to(positions.device)
+        elif self.rope_type == "longrope" and int(positions.max()) + 1 > self.original_max:
+            inv = self._inv_freq(self.config.rope_theta, long=True).to(positions.device)
         freqs = pos[..., None] * inv
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

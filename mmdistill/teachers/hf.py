@@ -13,6 +13,8 @@ from ..errors import TeacherError
 from ..model import LMConfig
 from .base import Rule, TeacherAdapter, register_adapter
 
+STRETCHED = ("llama3", "yarn", "longrope")  # RoPE types defined against a pretraining length
+
 
 def rope_settings(cfg: dict) -> tuple[float, dict | None]:
     """``(rope_theta, rope_scaling)`` from transformers 4.x (``rope_theta``/``rope_scaling``) or
@@ -24,6 +26,12 @@ def rope_settings(cfg: dict) -> tuple[float, dict | None]:
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
         scaling = None
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) in STRETCHED:
+        # transformers: a top-level original_max_position_embeddings (Phi-3) wins
+        scaling = dict(scaling)
+        if "original_max_position_embeddings" in cfg:
+            scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+        scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
     return float(theta), scaling
 
 
