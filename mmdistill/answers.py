@@ -53,7 +53,10 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 def _decode(
     row: list[int], tokenizer: Tokenizer, stop_ids: Sequence[int], stop_text: str | None
 ) -> str:
-    cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+    # An id past the tokenizer (an image code a shared text+image vocabulary let through) ends
+    # the answer like a stop token: it is not text.
+    limit = tokenizer.vocab_size
+    cut = next((i for i, t in enumerate(row) if t in stop_ids or t >= limit), len(row))
     text = tokenizer.decode(row[:cut], skip_special_tokens=True)
     if stop_text:
         text = text.split(stop_text)[0]

@@ -140,3 +140,18 @@ def test_saved_student_loads_with_its_vocabulary_adapters_and_tokens(omni, tmp_p
     spec = omni.image_vocab.spec
     assert tok.token_to_id("<|soi|>") == spec.layout_id("<|soi|>")
     assert tok.encode("<|t2i|>", add_special_tokens=False) == [spec.layout_id("<|t2i|>")]
+
+
+def test_an_image_code_ends_a_text_answer():
+    """A shared vocabulary lets answer generation emit image codes; they end the answer."""
+    from mmdistill.answers import _decode
+    from mmdistill.tokenizer import Tokenizer
+
+    class Letters(Tokenizer):
+        vocab_size = 10
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("abcdefghij"[i] for i in ids)
+
+    assert _decode([1, 2, 12, 3], Letters(), [], None) == "bc"
+    assert _decode([1, 2, 3], Letters(), [3], None) == "bc"
