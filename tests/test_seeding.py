@@ -58,6 +58,49 @@ def test_seeded_weights_are_teacher_slices(llama_teacher):
     assert not torch.equal(other.layers[0].mixer.dt_bias, student.layers[0].mixer.dt_bias)
 
 
+def gated_linear_attention(attn, mixer, h: torch.Tensor) -> torch.Tensor:
+    """What seeding promises, in float64 from the teacher's attention weights: causal linear
+    attention (no softmax) over SiLU(q), SiLU(k), SiLU(v), each step weighted by ``dt`` and
+    decayed by ``exp(A dt)`` per token, gated by SiLU(z), RMS-normalised per head, then W_O."""
+    c = mixer.config
+    heads, groups, p, n = c.num_heads, c.num_kv_heads, c.head_dim, c.d_state
+    h = h.double()
+    f = torch.nn.functional
+    q = f.silu(f.linear(h, attn.q_proj.weight.double())).unflatten(-1, (heads, n))
+    k = f.silu(f.linear(h, attn.k_proj.weight.double())).unflatten(-1, (groups, n))
+    v = f.silu(f.linear(h, attn.v_proj.weight.double())).unflatten(-1, (groups, p))
+    k, v = (t.repeat_interleave(heads // groups, dim=-2) for t in (k, v))
+    dt = f.softplus(mixer.dt_bias.double())  # dt_proj starts at zero: one step size per head
+    decay = -torch.exp(mixer.A_log.double()) * dt
+    t = torch.arange(h.shape[1], dtype=torch.float64)
+    lag = (t[:, None] - t[None, :]).clamp(min=0)
+    causal = (t[:, None] >= t[None, :])[..., None]
+    weight = torch.exp(lag[..., None] * decay) * dt * causal
+    scores = torch.einsum("bthn,bshn->btsh", q, k) * weight
+    y = torch.einsum("btsh,bshp->bthp", scores, v)
+    y = y * f.silu(f.linear(h, mixer.z_proj.weight.double())).unflatten(-1, (heads, p))
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + c.norm_eps)
+    y = y.flatten(-2) * mixer.norm_weight.double()
+    return f.linear(y, attn.o_proj.weight.double())
+
+
+def test_a_seeded_mixer_is_the_teachers_attention_without_softmax(llama_teacher):
+    """mmMamba's seeding: before training, each mixer computes the teacher's attention with
+    the softmax replaced by a decayed, dt-weighted linear form (checked against a float64
+    computation from the teacher's own Q, K, V and O weights)."""
+    student = mmdistill.seed(llama_teacher, attention_layers="none", seed=3)
+    h = torch.randn(
+        2, 19, llama_teacher.config.hidden_size, generator=torch.Generator().manual_seed(0)
+    )
+    for i in range(llama_teacher.config.num_layers):
+        attn, mixer = llama_teacher.layers[i].mixer, student.layers[i].mixer
+        with torch.no_grad():
+            got = mixer(h, backend="torch").double()
+        torch.testing.assert_close(
+            got, gated_linear_attention(attn, mixer, h), rtol=1e-4, atol=1e-5
+        )
+
+
 @pytest.mark.parametrize("spec", ["none", "every:2"])
 @pytest.mark.parametrize("conv_kernel", [2, 4])
 @pytest.mark.parametrize("chunk", [None, 4])
