@@ -26,8 +26,9 @@ def doc_python_blocks() -> list[str]:
 
 @pytest.fixture
 def doc_namespace(monkeypatch):
-    """The doc's blocks run in one namespace, registering into a throw-away adapter list."""
-    monkeypatch.setattr(base, "ADAPTERS", list(base.ADAPTERS))
+    """The doc's blocks run in one namespace, registering into a throw-away adapter list
+    without the built-in Phi-3 adapter, so that Phi-3 checkpoints reach the doc's adapter."""
+    monkeypatch.setattr(base, "ADAPTERS", [a for a in base.ADAPTERS if a.name != "phi3"])
     namespace: dict = {"__name__": "adapters_doc"}
     for block in doc_python_blocks():
         exec(compile(block, str(DOC), "exec"), namespace)
@@ -53,6 +54,8 @@ def write_phi3(directory: Path, **overrides):
 @pytest.mark.parametrize("overrides", [{}, {"sliding_window": 16}])
 def test_doc_adapter_matches_transformers(tmp_path, doc_namespace, overrides):
     hf_model = write_phi3(tmp_path, **overrides)
+    config = {"architectures": ["Phi3ForCausalLM"]}
+    assert isinstance(base.find_adapter(config, "doc"), doc_namespace["Phi3Adapter"])
     assert doc_namespace["check_against_transformers"](tmp_path) <= 1e-5
     # The same comparison written here, independent of the doc's check function.
     teacher = load_teacher(str(tmp_path))
