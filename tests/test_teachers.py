@@ -344,13 +344,28 @@ def test_split_grouped_wqkv_identifiable_rows():
     assert torch.equal(qb, q[:, 0]) and torch.equal(kb, k[:, 0]) and torch.equal(vb, v[:, 0])
 
 
-def test_unknown_architecture_names_supported(tmp_path, llama_dir):
+@pytest.mark.parametrize(
+    "architectures,message",
+    [
+        (["GPTNeoXForCausalLM"], "not supported: attention and MLP run in parallel"),
+        (["Qwen2_5_VLForConditionalGeneration"], "not supported: M-RoPE"),
+        (["MysteryForCausalLM"], r"MysteryForCausalLM is not supported\. Supported: llama"),
+        (None, "names no 'architectures' \\(model_type 'llama'\\).*LlamaForCausalLM"),
+    ],
+)
+def test_unsupported_architectures_are_refused_saying_why(
+    tmp_path, llama_dir, architectures, message
+):
     cfg = json.loads((llama_dir / "config.json").read_text())
-    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    if architectures is None:
+        del cfg["architectures"]
+    else:
+        cfg["architectures"] = architectures
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "model.safetensors").write_bytes((llama_dir / "model.safetensors").read_bytes())
-    with pytest.raises(TeacherError, match="not supported.*LlamaForCausalLM.*register_adapter"):
+    with pytest.raises(TeacherError, match=message) as refused:
         load_teacher(str(tmp_path))
+    assert "register_adapter (docs/adapters.md)" in str(refused.value)
 
 
 def test_partial_and_unreadable_weights(tmp_path, llama_dir):

@@ -117,14 +117,44 @@ def register_adapter(adapter: TeacherAdapter) -> TeacherAdapter:
     return adapter
 
 
+# Architectures users ask for that no adapter reads, and why (named in the refusal).
+REFUSED = {
+    "GPTNeoXForCausalLM": "attention and MLP run in parallel on LayerNorm, not RMSNorm",
+    "GPT2LMHeadModel": "LayerNorm and learned absolute positions instead of RMSNorm and RoPE",
+    "Qwen2VLForConditionalGeneration": "M-RoPE (3-D rotary positions for images and video), "
+    "which the canonical attention cannot express",
+    "Qwen2_5_VLForConditionalGeneration": "M-RoPE (3-D rotary positions for images and "
+    "video), which the canonical attention cannot express",
+    "LlavaForConditionalGeneration": "a front-end for LLaVA's vision tower is not built yet",
+    "Gemma3ForConditionalGeneration": "a front-end for Gemma 3's vision tower is not built "
+    "yet (its text model, Gemma3ForCausalLM, converts)",
+}
+
+
 def find_adapter(hf_config: dict, source: str) -> TeacherAdapter:
+    """The first registered adapter that reads ``hf_config``.
+
+    Raises:
+        TeacherError: none does: naming why for architectures in :data:`REFUSED`, the supported
+            ones, and how to add an adapter.
+    """
     for adapter in ADAPTERS:
         if adapter.matches(hf_config):
             return adapter
-    archs = hf_config.get("architectures") or [hf_config.get("model_type", "unknown")]
     supported = "; ".join(f"{a.name} ({', '.join(a.architectures)})" for a in ADAPTERS)
+    advice = (
+        f"Supported: {supported}. To add one, subclass mmdistill.teachers.TeacherAdapter and "
+        "register it with mmdistill.teachers.register_adapter (docs/adapters.md)."
+    )
+    archs = [str(a) for a in hf_config.get("architectures") or []]
+    if not archs:
+        raise TeacherError(
+            f"{source}: config.json names no 'architectures' (model_type "
+            f"{hf_config.get('model_type', 'unknown')!r}), so no adapter can be chosen; add the "
+            'class transformers saves, e.g. "architectures": ["LlamaForCausalLM"]. ' + advice
+        )
+    why = next((REFUSED[a] for a in archs if a in REFUSED), None)
+    reason = f": {why}" if why else ""
     raise TeacherError(
-        f"{source}: architecture {', '.join(map(str, archs))} is not supported. Supported: "
-        f"{supported}. To add one, subclass mmdistill.teachers.TeacherAdapter and register it "
-        "with mmdistill.teachers.register_adapter (docs/adapters.md)."
+        f"{source}: architecture {', '.join(archs)} is not supported{reason}. {advice}"
     )
