@@ -47,9 +47,13 @@ def main() -> None:
     except MmdistillError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a command (typer turns one inside into exit 130)
         err.print("[yellow]interrupted[/]")
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # Ctrl-C inside a command
+            err.print("[yellow]interrupted[/]")
+        raise
 
 
 if __name__ == "__main__":

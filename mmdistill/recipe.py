@@ -61,6 +61,16 @@ class StudentSpec(_Strict):
     mixer: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
 
+    @field_validator("attention_layers", mode="before")
+    @classmethod
+    def _not_a_bare_number(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(
+                f"{value} is ambiguous: write [{value}] to keep attention in layer {value}, or "
+                f"every:{value} for every {value}th layer"
+            )
+        return value
+
     @field_validator("attention_layers")
     @classmethod
     def _layout(cls, value):

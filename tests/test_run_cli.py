@@ -54,6 +54,7 @@ def test_validate_shipped_recipes(path, monkeypatch, capfd, no_teacher):
         (["stages.1.loss.kl_weight=-1"], "stages.1.loss.kl_weight: Input should be greater"),
         (["stages.9.lr=1"], "stages.9: index 9 is out of range"),
         (["data.shapez={}"], "data.shapez: unknown key"),
+        (["student.attention_layers=3"], "write [3] to keep attention in layer 3, or every:3"),
     ],
 )
 def test_malformed_recipe_exits_2_before_the_teacher(
@@ -132,3 +133,22 @@ def test_non_finite_loss_exits_3(monkeypatch, capfd, tmp_path):
 def test_resume_without_checkpoint_exits_2(monkeypatch, capfd, tmp_path, no_teacher):
     assert cli(monkeypatch, "run", *common(tmp_path), "--resume") == 2
     assert "--resume: no complete checkpoint" in " ".join(capfd.readouterr().err.split())
+
+
+def test_seed_out_naming_a_file_exits_2_and_keeps_it(monkeypatch, capfd, tmp_path, no_teacher):
+    target = tmp_path / "student.txt"
+    target.write_text("mine")
+    assert cli(monkeypatch, "seed", "--teacher", "x", "--out", str(target)) == 2
+    assert "is a file" in " ".join(capfd.readouterr().err.split())
+    assert target.read_text() == "mine"
+
+
+def test_ctrl_c_inside_a_command_says_interrupted_and_exits_130(monkeypatch, capfd, tmp_path):
+    import mmdistill.commands.seed_cmd as seed_cmd
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(seed_cmd, "load_teacher", interrupted)
+    assert cli(monkeypatch, "seed", "--teacher", "x", "--out", str(tmp_path / "s")) == 130
+    assert "interrupted" in capfd.readouterr().err

@@ -412,6 +412,13 @@ def test_offline_hub_source_fails_fast(monkeypatch):
     assert time.monotonic() - start < 10
 
 
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "teachers").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TeacherError, match="teachers/typo does not exist .its folder teachers"):
+        load_teacher("teachers/typo")
+
+
 def test_gguf_source_is_converted_once(tmp_path, monkeypatch):
     """A .gguf source goes through transformers' GGUF reader into a cached safetensors folder.
 

@@ -44,6 +44,8 @@ def seed_command(
     """Build a Mamba-2 / hybrid student from a teacher's attention weights (mmMamba seeding)."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out {out} is a file; give a directory for the student")
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out} exists and is not empty (use --force to overwrite)")
     start = time.perf_counter()

@@ -38,6 +38,11 @@ def resolve_source(source: str) -> Path:
     if path.exists():
         raise TeacherError(f"{path} is neither a model directory nor a .gguf file")
     repo = ALIASES.get(source.lower(), source)
+    if repo == source and path.parent != Path(".") and path.parent.is_dir():
+        raise TeacherError(
+            f"{path} does not exist (its folder {path.parent} does); check the name, or, for "
+            f"the hub id {source!r}, run from a directory without a {path.parent} folder"
+        )
     if repo.count("/") != 1 or source.startswith((".", "/", "~")):
         raise TeacherError(
             f"teacher source {source!r} is not a local directory, a .gguf file, a known alias "
