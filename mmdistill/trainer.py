@@ -32,15 +32,16 @@ from dataclasses import asdict
 import torch
 from rich.console import Console
 
+from .attention_layers import parse_attention_layers
 from .data.loader import shapes_dataset
 from .data.text import DataContext
-from .errors import DataError
+from .errors import DataError, RecipeError
 from .files import atomic_write_text
 from .model import DecoderLM, load_student
 from .objective import TeacherForward
 from .recipe import Recipe
 from .seeding import seed
-from .teachers import load_teacher
+from .teachers import load_teacher, teacher_config
 from .training.checkpoints import CHECKPOINTS, remove_partial_checkpoints, save_checkpoint
 from .training.deepspeed_engine import wrap_teacher, zero_stage
 from .training.loop import run_stage
@@ -80,6 +81,7 @@ def distill(
     problems = recipe.missing_files()
     if problems:
         raise DataError("; ".join(problems))
+    check_layout(recipe)
     zero = zero_stage(recipe)
     procs = Processes.start()
     if console is None:
@@ -123,6 +125,22 @@ def distill(
     finally:
         metrics.close()
     return _write_student(run, student, started)
+
+
+def check_layout(recipe: Recipe) -> None:
+    """The recipe's attention layers against the teacher's layer count, from its config alone,
+    before anything loads or is written.
+
+    Raises:
+        RecipeError: an index outside the teacher's layers.
+    """
+    if recipe.teacher is None:
+        return
+    layers = teacher_config(recipe.teacher).num_layers
+    try:
+        parse_attention_layers(recipe.student.attention_layers, layers)
+    except ValueError as exc:
+        raise RecipeError(f"student.attention_layers: {exc}") from exc
 
 
 def _load_models(recipe: Recipe, device: torch.device) -> tuple[DecoderLM | None, DecoderLM]:

@@ -152,3 +152,14 @@ def test_ctrl_c_inside_a_command_says_interrupted_and_exits_130(monkeypatch, cap
     monkeypatch.setattr(seed_cmd, "load_teacher", interrupted)
     assert cli(monkeypatch, "seed", "--teacher", "x", "--out", str(tmp_path / "s")) == 130
     assert "interrupted" in capfd.readouterr().err
+
+
+def test_a_layer_index_past_the_teacher_exits_2_before_anything_loads_or_is_written(
+    monkeypatch, capfd, tmp_path, no_teacher
+):
+    out = tmp_path / "out"
+    args = ["run", str(ROOT / "recipes" / "tiny.yaml"), f"output_dir={out}"]
+    assert cli(monkeypatch, *args, "student.attention_layers=[1,99]") == 2
+    err = " ".join(capfd.readouterr().err.split())
+    assert "student.attention_layers" in err and "99" in err
+    assert not out.exists()

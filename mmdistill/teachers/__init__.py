@@ -2,7 +2,7 @@
 
 from . import gemma, hf, hovle  # noqa: F401 - registers the built-in adapters and front-ends
 from .base import ADAPTERS, Rule, TeacherAdapter, apply_rules, find_adapter, register_adapter
-from .loading import load_teacher, resolve_source
+from .loading import load_teacher, resolve_source, teacher_config
 
 __all__ = [
     "ADAPTERS",
@@ -13,4 +13,5 @@ __all__ = [
     "load_teacher",
     "register_adapter",
     "resolve_source",
+    "teacher_config",
 ]

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import TeacherError
 from ..files import atomic_directory, cache_root, read_safetensors, sha256_file, weight_files
-from ..model import DecoderLM, build_from_state_dict, expected_shapes
+from ..model import DecoderLM, LMConfig, build_from_state_dict, expected_shapes
 from .base import TeacherAdapter, apply_rules, find_adapter
 from .builtin import builtin_teacher
 from .verify import verify_conversion
@@ -127,6 +127,21 @@ def read_config(directory: Path) -> dict:
         raise TeacherError(f"{directory / 'config.json'} is not valid JSON: {exc}") from exc
 
 
+def teacher_config(source: str) -> LMConfig:
+    """The canonical configuration of a teacher from its ``config.json`` alone (no weights read),
+    e.g. to check a recipe's layer indices before the teacher loads."""
+    directory = resolve_source(str(source))
+    hf_config = read_config(directory)
+    return _lm_config(find_adapter(hf_config, str(source)), hf_config, str(source))
+
+
+def _lm_config(adapter: TeacherAdapter, hf_config: dict, source: str) -> LMConfig:
+    try:
+        return adapter.lm_config(hf_config)
+    except (KeyError, ValueError) as exc:
+        raise TeacherError(f"{source}: unsupported or malformed config.json: {exc}") from exc
+
+
 def convert_checkpoint(
     adapter: TeacherAdapter,
     hf_config: dict,
@@ -135,10 +150,7 @@ def convert_checkpoint(
     dtype: torch.dtype | None = None,
 ) -> DecoderLM:
     """The canonical model of a checkpoint (``config.json`` and weights) through ``adapter``."""
-    try:
-        config = adapter.lm_config(hf_config)
-    except (KeyError, ValueError) as exc:
-        raise TeacherError(f"{source}: unsupported or malformed config.json: {exc}") from exc
+    config = _lm_config(adapter, hf_config, source)
     with torch.device("meta"):
         shapes = expected_shapes(DecoderLM(config))
     converted = apply_rules(adapter.rules(hf_config), tensors, shapes, source)
