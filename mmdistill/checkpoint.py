@@ -12,6 +12,7 @@ temporary name and renamed when complete. :func:`mmdistill.model.load_student` r
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -75,6 +76,43 @@ def save_pretrained(
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return directory
+
+
+_WRITTEN = re.compile(
+    r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?"
+    r"|model-\d+-of-\d+\.safetensors|adapters|" + re.escape(IMAGE_TOKENIZER_DIR)
+)
+
+
+def check_replaceable(directory: str | Path) -> None:
+    """Raise unless ``directory`` is missing, empty, or a student this module wrote holding only
+    the files it writes: what ``--force`` may replace without losing anyone's files.
+
+    Raises:
+        CheckpointError: naming the files that would be lost.
+    """
+    directory = Path(directory)
+    if not directory.is_dir() or not any(directory.iterdir()):
+        return
+    foreign = sorted(
+        p.name
+        for p in directory.iterdir()
+        if not (_WRITTEN.fullmatch(p.name) or p.name in TOKENIZER_FILES)
+    )
+    try:
+        ours = json.loads((directory / "config.json").read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError):
+        ours = False
+    if foreign or not ours:
+        what = (
+            f"files mmdistill did not write ({', '.join(foreign[:5])})"
+            if foreign
+            else ("no mmdistill student")
+        )
+        raise CheckpointError(
+            f"--force replaces only a student mmdistill wrote, and {directory} holds {what}; "
+            "move them, or choose another --out"
+        )
 
 
 def read_student_config(directory: Path) -> LMConfig:

@@ -163,3 +163,21 @@ def test_a_layer_index_past_the_teacher_exits_2_before_anything_loads_or_is_writ
     err = " ".join(capfd.readouterr().err.split())
     assert "student.attention_layers" in err and "99" in err
     assert not out.exists()
+
+
+def test_seed_force_replaces_only_a_student_it_wrote(monkeypatch, capfd, tmp_path, llama_dir):
+    out = tmp_path / "student"
+    args = ["seed", "--teacher", str(llama_dir), "--out", str(out)]
+    assert cli(monkeypatch, *args) == 0
+    assert cli(monkeypatch, *args, "--force") == 0  # a student it wrote: replaced
+    (out / "notes.txt").write_text("mine")
+    assert cli(monkeypatch, *args, "--force") == 2
+    assert "files mmdistill did not write (notes.txt)" in " ".join(capfd.readouterr().err.split())
+    assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").exists()
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "data.csv").write_text("1,2")
+    assert (
+        cli(monkeypatch, "seed", "--teacher", str(llama_dir), "--out", str(other), "--force") == 2
+    )
+    assert (other / "data.csv").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..checkpoint import check_replaceable
 from ..errors import CheckpointError
 from ..seeding import count_parameters
 from ..seeding import seed as seed_fn
@@ -33,7 +34,9 @@ def seed_command(
         "before_norm", help="before_norm (standard Mamba-2, exportable) or after_norm (mmMamba)."
     ),
     seed: int = typer.Option(0, help="RNG seed for the new SSM parameters."),
-    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty --out."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace a student in --out (not a folder with other files)."
+    ),
     verify: bool = typer.Option(
         True,
         "--verify/--no-verify",
@@ -48,6 +51,8 @@ def seed_command(
         raise CheckpointError(f"--out {out} is a file; give a directory for the student")
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out} exists and is not empty (use --force to overwrite)")
+    if force:
+        check_replaceable(out)
     start = time.perf_counter()
     with err.status(f"loading teacher {teacher}"):
         model = load_teacher(teacher, dtype=dtype, verify=verify)
