@@ -128,6 +128,8 @@ def test_non_finite_loss_exits_3(monkeypatch, capfd, tmp_path):
     err = " ".join(capfd.readouterr().err.split())
     assert "step 1: the loss is not finite (inf)" in err
     assert "no checkpoint had been written yet" in err
+    assert "Lower stages.0.lr (now 0.01), lower clip_grad (now 1.0)" in err
+    assert "without --resume: there is nothing to resume" in err
 
 
 def test_resume_without_checkpoint_exits_2(monkeypatch, capfd, tmp_path, no_teacher):

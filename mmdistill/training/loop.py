@@ -107,15 +107,20 @@ def _autocast(run: Run) -> torch.autocast:
 
 def _non_finite(run: Run, spec: StageSpec, step: int, what: str, value) -> TrainingError:
     """The error that stops the run at a non-finite loss or gradient norm."""
-    kept = (
-        f"the last good checkpoint is {run.last_checkpoint}"
-        if run.last_checkpoint is not None
-        else "no checkpoint had been written yet"
+    if run.last_checkpoint is not None:
+        kept = f"the last good checkpoint is {run.last_checkpoint}"
+        again = "then rerun with --resume to continue from it"
+    else:
+        kept = "no checkpoint had been written yet"
+        again = "then rerun it (without --resume: there is nothing to resume)"
+    clip = (
+        f"lower clip_grad (now {spec.clip_grad})" if spec.clip_grad else "set clip_grad (e.g. 1.0)"
     )
+    index = next(i for i, s in enumerate(run.recipe.stages) if s is spec)
     return TrainingError(
         f"stage '{spec.name}' step {step}: the {what} is not finite ({value}); stopped "
-        f"before updating the weights; {kept}. Lower the learning rate, enable clip_grad, "
-        "or check the data, then rerun (with --resume to continue from that checkpoint)"
+        f"before updating the weights; {kept}. Lower stages.{index}.lr "
+        f"(now {spec.lr:g}), {clip}, or check the data; {again}"
     )
 
 
