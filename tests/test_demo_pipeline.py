@@ -46,3 +46,22 @@ def test_score_answers_matches_one_question_at_a_time():
     assert scores["linear"]["answer_tokens"] == tokens
     assert math.isclose(scores["linear"]["ppl"], math.exp(nll / tokens), rel_tol=1e-4)
     assert math.isclose(scores["linear"]["kl"], kl / tokens, rel_tol=1e-3)
+
+
+def test_the_demo_runs_again_into_the_same_folder(tmp_path):
+    """A second `mmdistill demo` reuses the finished runs (it used to stop at "pass --resume",
+    an option `demo` does not have)."""
+    from mmdistill.demo.pipeline import run_demo
+
+    short = ["stages.0.steps=1", "stages.1.steps=1", "stages.2.steps=1"]
+    short += [
+        f"data.cache_dir={tmp_path / 'data'}",
+        "data.shapes.n_train=16",
+        "data.shapes.n_eval=4",
+    ]
+    first = run_demo(tmp_path, short, questions=4)
+    again = run_demo(tmp_path, short, questions=4)
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in first["rows"]]
+    assert [s["final_loss"] for s in again["runs"]["linear"]["stages"]] == [
+        s["final_loss"] for s in first["runs"]["linear"]["stages"]
+    ]

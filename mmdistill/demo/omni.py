@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import MmdistillError
 from ..evaluation import tokenizer_for
 from ..files import atomic_write_text
 from ..model import DecoderLM, load_student
@@ -28,6 +27,7 @@ from ..recipe import load_recipe
 from ..t2i_evaluation import evaluate_t2i, image_grid, load_t2i_student, save_png
 from ..trainer import distill
 from ..training.omni_data import caption_file
+from ..training.resume import holds_run
 from .pipeline import RECIPE, held_out_samples
 from .questions import evaluate_answers
 
@@ -73,11 +73,6 @@ def run_omni_demo(
     """
     out, start = Path(output_dir), time.perf_counter()
     say = console.print if console is not None else (lambda *a, **k: None)
-    if (out / "omni").exists():
-        raise MmdistillError(
-            f"{out / 'omni'} holds an earlier OmniMamba demo; delete it, or give another "
-            "--output-dir (the base student there is reused)"
-        )
     base = base_student(out, [], say)
     say("[bold]2/4[/] mmu accuracy of the base student")
     before = mmu_accuracy(load_student(base), questions)
@@ -85,7 +80,7 @@ def run_omni_demo(
     recipe = load_recipe(
         OMNI_RECIPE, [f"student_dir={base}", f"output_dir={out / 'omni'}", *(overrides or [])]
     )
-    run = distill(recipe, console=console)
+    run = distill(recipe, resume=holds_run(out / "omni"), console=console)
     say("[bold]4/4[/] drawing held-out captions; mmu accuracy after")
     student = load_t2i_student(run["student_dir"])
     held, images, captions = evaluate_t2i(student, caption_file("builtin:shapes-t2i/heldout", None))

@@ -30,6 +30,7 @@ from ..seeding import seed
 from ..teachers.loading import load_teacher, resolve_source
 from ..tokenizer import Tokenizer
 from ..trainer import distill
+from ..training.resume import holds_run
 from .questions import evaluate_answers
 from .teacher import DEMO_KINDS
 
@@ -185,7 +186,7 @@ def run_demo(
             [f"student.attention_layers={layout}", f"output_dir={out / name}", *(overrides or [])],
         )
         tick = time.perf_counter()
-        runs[name] = distill(recipe, console=console)
+        runs[name] = distill(recipe, resume=holds_run(out / name), console=console)
         timings[f"distill_{name}"] = time.perf_counter() - tick
         recipes[name] = recipe
 

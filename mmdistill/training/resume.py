@@ -39,6 +39,12 @@ class ResumePoint:
         return self.state["stage"] + (1 if self.state["stage_done"] else 0)
 
 
+def holds_run(output_dir: str | Path) -> bool:
+    """Whether ``output_dir`` holds a run ``--resume`` can continue (or has finished)."""
+    out = Path(output_dir)
+    return bool(list_checkpoints(out / CHECKPOINTS)) or (out / "student").exists()
+
+
 def find_resume_point(run: Run, resume: bool) -> ResumePoint | None:
     """The checkpoint to resume from (``resume``), after checking it fits the recipe.
 
