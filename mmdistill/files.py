@@ -126,6 +126,28 @@ def save_sharded(
     return names
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk is full: an ``OSError`` with ``ENOSPC``, or a library's
+    wrapper of one (safetensors raises ``SafetensorError``, not an ``OSError``)."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    text = str(exc)
+    return "No space left on device" in text or "StorageFull" in text
+
+
+def disk_full_error(target: Path, kept: str) -> CheckpointError:
+    """The message for a write to ``target`` that ran out of space: the space left, and what
+    was kept."""
+    try:
+        free = f"{shutil.disk_usage(Path(target).parent).free / 2**20:,.0f} MiB left"
+    except OSError:
+        free = "space left unknown"
+    return CheckpointError(
+        f"disk full while writing {target} ({free} on its filesystem); {kept}. Free some space "
+        "(or write elsewhere) and run again"
+    )
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place.
 
@@ -140,8 +162,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise CheckpointError(f"disk full while writing {path}; it was not replaced") from exc
+        if is_disk_full(exc):
+            raise disk_full_error(path, "it was not replaced") from exc
         raise
     finally:
         if tmp.exists():
@@ -177,15 +199,11 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             tmp.rename(target)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise CheckpointError(
-                f"disk full while writing {target}; nothing was replaced ({exc})"
-            ) from exc
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            kept = f"{target} keeps what it held" if target.exists() else "nothing was written"
+            raise disk_full_error(target, kept) from exc
         raise
 
 

@@ -183,3 +183,31 @@ def test_seed_force_replaces_only_a_student_it_wrote(monkeypatch, capfd, tmp_pat
         cli(monkeypatch, "seed", "--teacher", str(llama_dir), "--out", str(other), "--force") == 2
     )
     assert (other / "data.csv").exists()
+
+
+def test_a_full_disk_during_seed_exits_2_and_keeps_the_old_student(
+    monkeypatch, capfd, tmp_path, llama_dir
+):
+    """safetensors reports ENOSPC as a SafetensorError (not an OSError), as here."""
+    from safetensors import SafetensorError
+
+    import mmdistill.files as files
+
+    out = tmp_path / "student"
+    args = ["seed", "--teacher", str(llama_dir), "--out", str(out)]
+    assert cli(monkeypatch, *args) == 0
+    before = (out / "model.safetensors").read_bytes()
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+            'space left on device" })'
+        )
+
+    monkeypatch.setattr(files, "save_file", full)
+    assert cli(monkeypatch, *args, "--force") == 2
+    err = " ".join(capfd.readouterr().err.split())
+    assert "disk full while writing" in err and "MiB left on its filesystem" in err
+    assert "keeps what it held" in err and "Traceback" not in err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temporary folder left
