@@ -151,8 +151,10 @@ class DataSpec(_Strict):
         packing: pack several samples into each sequence (text may continue into the next
             sequence; a multimodal sample is never split); else one sample per sequence.
         seed: seed of the sampling order (same seed, same batches).
-        on_bad_image: ``skip`` a record whose image is missing or unreadable (and count it) or
-            ``fail`` the run, naming the path.
+        on_bad_image: ``skip`` a record whose image is missing or unreadable (reported on
+            stderr, counted) or ``fail`` the run, naming the path.
+        max_skipped_fraction: with ``skip``, stop the run (exit 2) once more than this fraction
+            of a file's records read so far (at least 20) were skipped.
         system_message: system message of rendered conversations (``None``: the template's).
         shapes: size of the ``builtin:shapes`` data.
         eval_batches: batches per evaluation.
@@ -165,6 +167,7 @@ class DataSpec(_Strict):
     packing: bool = True
     seed: int = 0
     on_bad_image: Literal["skip", "fail"] = "skip"
+    max_skipped_fraction: float = Field(0.1, ge=0, le=1)
     system_message: str | None = None
     shapes: ShapesSpec = Field(default_factory=ShapesSpec)
     eval_batches: int = Field(8, ge=1)

@@ -170,6 +170,7 @@ def _data_context(
         teacher.config.teacher.get("directory"),
         data.system_message,
         data.on_bad_image,
+        data.max_skipped_fraction,
     )
     shapes = None
     if any(s.is_builtin for s in [*data.train, *data.eval]):

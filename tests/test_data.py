@@ -155,6 +155,33 @@ def test_bad_images_skip_or_fail(tmp_path, hovle, broken):
     assert "on_bad_image=skip" in str(info.value)
 
 
+def test_skipped_records_are_reported_and_too_many_stop_the_run(tmp_path, hovle, caplog):
+    png(tmp_path / "good.png")
+    records = [
+        {
+            "image": "good.png" if i % 3 else f"missing{i}.png",
+            "conversations": [{"from": "human", "value": "<image>\nHi"}],
+        }
+        for i in range(30)
+    ]
+    path = write_jsonl(tmp_path / "c.jsonl", records)
+    config, tokenizer_dir = hovle.config, hovle.config.teacher["directory"]
+    lenient = ConversationSource(path, DataContext(config, tokenizer_dir, max_skipped_fraction=0.5))
+    with caplog.at_level("WARNING", logger="mmdistill.data.conversations"):
+        for _ in range(2):  # a record met again (the next stage) is reported once
+            for i in range(30):
+                lenient.get(i)
+    reported = [r.getMessage() for r in caplog.records]
+    assert len(reported) == 4 and "record 0" in reported[0] and "missing0.png" in reported[0]
+    assert reported[3].endswith("10 records skipped so far (bad images)")
+    strict = ConversationSource(path, DataContext(config, tokenizer_dir))
+    with pytest.raises(
+        DataError, match=r"8 of the 22 records read so far .*max_skipped_fraction=0\.1"
+    ):
+        for i in range(30):
+            strict.get(i)
+
+
 def test_bad_images_are_counted_by_the_iterator(tmp_path, hovle):
     png(tmp_path / "good.png")
     records = [

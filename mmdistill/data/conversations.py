@@ -8,11 +8,14 @@ template with images tiled and expanded to image-token spans; Hugging Face teach
 tokenizer's chat template (text only). A teacher with neither cannot render conversations.
 
 A missing or unreadable image is skipped and counted, or fatal, per ``on_bad_image``; either way
-the message names the path.
+the message names the path. Skipped records are reported on stderr the first time each is met
+(the first three with their reason, then a running count at 10, 100, 1000, ...), and more than
+``max_skipped_fraction`` of a file's records read so far (at least 20) stops the run.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from ..chat_format import ChatFormat, chat_format_for
 from ..errors import DataError
 from ..frontends.hovle import prepare_images
 from .text import DataContext, LineFile, Sample
+
+log = logging.getLogger(__name__)
 
 
 class ConversationSource:
@@ -46,6 +51,8 @@ class ConversationSource:
         self.image_root = Path(image_root) if image_root is not None else Path(path).parent
         self.skipped: Counter[str] = Counter()
         self._format: ChatFormat | None = None
+        self._read: set[int] = set()
+        self._bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -79,9 +86,30 @@ class ConversationSource:
                     f"{where}: {exc} (set data.on_bad_image=skip to skip such records)"
                 ) from exc
             self.skipped["bad_image"] += 1
+            self._skip(index, where, exc)
             return None
+        self._read.add(index)
         try:
             ids = fmt.encode(messages, tiles)
         except DataError as exc:
             raise DataError(f"{where}: {exc}") from exc
         return Sample(ids, pixel_values, splittable=pixel_values is None)
+
+    def _skip(self, index: int, where: str, exc: DataError) -> None:
+        """Report a skipped record (once per record) and stop past ``max_skipped_fraction``."""
+        if index in self._bad:
+            return
+        self._bad.add(index)
+        self._read.add(index)
+        bad, read = len(self._bad), len(self._read)
+        if bad <= 3:
+            log.warning("skipped %s: %s", where, exc)
+        elif bad in (10, 100, 1000, 10000, 100000):
+            log.warning("%s: %d records skipped so far (bad images)", self.name, bad)
+        limit = self.ctx.max_skipped_fraction
+        if read >= 20 and bad / read > limit:
+            raise DataError(
+                f"{self.name}: {bad} of the {read} records read so far have a missing or "
+                f"unreadable image, more than data.max_skipped_fraction={limit}; fix the images, "
+                "or raise the limit to train on the rest"
+            )

@@ -52,12 +52,15 @@ class DataContext:
         tokenizer_dir: directory of the teacher's tokenizer files.
         system_message: system message for conversations (``None``: the template's default).
         on_bad_image: ``"skip"`` or ``"fail"``.
+        max_skipped_fraction: with ``"skip"``, the largest fraction of a file's records that
+            may be skipped (see :class:`~mmdistill.recipe.DataSpec`).
     """
 
     config: object
     tokenizer_dir: str | None
     system_message: str | None = None
     on_bad_image: str = "skip"
+    max_skipped_fraction: float = 0.1
     _tokenizer: object = field(default=None, repr=False)
 
     @property
