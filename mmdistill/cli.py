@@ -13,7 +13,7 @@ import sys
 import typer
 
 from .commands import bench_cmd, demo_cmd, eval_cmd, generate_cmd, run_cmd, seed_cmd
-from .commands.output import err
+from .commands.output import emit_json, err
 from .errors import MmdistillError
 from .version import __version__
 
@@ -41,11 +41,21 @@ for _module in (seed_cmd, run_cmd, eval_cmd, generate_cmd, bench_cmd, demo_cmd):
 
 
 def main() -> None:
-    """Console entry point: usage errors exit 2 (click), user errors print one line."""
+    """Console entry point: usage errors exit 2 (click), user errors print one line (and, with
+    ``--json``, one JSON document on stdout: ``{"status": "error", "exit_code", "error": {"type",
+    "message"}}``)."""
     try:
         app()
     except MmdistillError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        if "--json" in sys.argv[1:]:
+            emit_json(
+                {
+                    "status": "error",
+                    "exit_code": exc.exit_code,
+                    "error": {"type": type(exc).__name__, "message": str(exc)},
+                }
+            )
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:  # outside a command (typer turns one inside into exit 130)
         err.print("[yellow]interrupted[/]")

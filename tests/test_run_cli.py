@@ -130,6 +130,12 @@ def test_non_finite_loss_exits_3(monkeypatch, capfd, tmp_path):
     assert "no checkpoint had been written yet" in err
     assert "Lower stages.0.lr (now 0.01), lower clip_grad (now 1.0)" in err
     assert "without --resume: there is nothing to resume" in err
+    # with --json the failure is still one JSON document on stdout
+    assert cli(monkeypatch, "run", *common(tmp_path), "--json") == 3
+    document = json.loads(capfd.readouterr().out)
+    assert document["status"] == "error" and document["exit_code"] == 3
+    assert document["error"]["type"] == "TrainingError"
+    assert "is not finite" in document["error"]["message"]
 
 
 def test_resume_without_checkpoint_exits_2(monkeypatch, capfd, tmp_path, no_teacher):
