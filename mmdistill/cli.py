@@ -22,6 +22,7 @@ app = typer.Typer(
     help="Distil decoder-only (multimodal) transformers into Mamba-2 and hybrid students.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: readable at 80 columns (rich panels were not)
     add_completion=False,
 )
 

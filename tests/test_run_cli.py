@@ -217,3 +217,12 @@ def test_a_full_disk_during_seed_exits_2_and_keeps_the_old_student(
     assert "keeps what it held" in err and "Traceback" not in err
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("command", ["bench", "run", "seed", "eval", "generate", "demo"])
+def test_help_is_readable_at_80_columns(monkeypatch, capfd, command):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli(monkeypatch, command, "--help") == 0
+    out = capfd.readouterr().out
+    assert out.startswith("Usage:") and "…" not in out
+    assert max(len(line) for line in out.splitlines()) <= 80

@@ -38,18 +38,23 @@ def run_command(
 
     if not PartialState().is_main_process:
         return
-    table = Table(title=f"distilled student: {report['student_dir']}")
-    for column in ("stage", "mode", "steps", "tokens", "initial loss", "final loss", "eval loss"):
-        table.add_column(column)
+    table = Table(
+        title=f"distilled student: {report['student_dir']}",
+        caption="loss: first / last step, and on the eval data",
+    )
+    table.add_column("stage", overflow="fold")  # wraps, never cut, at 80 columns
+    table.add_column("mode", overflow="fold")
+    for column in ("steps", "tokens", "first", "last", "eval"):
+        table.add_column(column, justify="right")
     for stage in report["stages"]:
         table.add_row(
             stage["name"],
             stage["mode"],
             str(stage["steps"]),
             f"{stage['tokens']:,}",
-            f"{stage['initial_loss']:.5g}",
-            f"{stage['final_loss']:.5g}",
-            "-" if stage["eval_loss"] is None else f"{stage['eval_loss']:.5g}",
+            f"{stage['initial_loss']:.4g}",
+            f"{stage['final_loss']:.4g}",
+            "-" if stage["eval_loss"] is None else f"{stage['eval_loss']:.4g}",
         )
     err.print(table)
     if as_json:
