@@ -178,6 +178,8 @@ def test_cli_bench_json_and_plot(llama_dir, tmp_path):
     args += ["--dtype", "float32", "--prefill-chunk", "8", "--json", "--plot", str(plot)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    # the tables fit the 80-column console, nothing cut
+    assert "…" not in result.stderr and max(map(len, result.stderr.splitlines())) <= 80
     doc = json.loads(result.stdout)
     names = [m["name"] for m in doc["models"]]
     assert names == [

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 from rich import box
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from .. import bench, bench_t2i
 from ..bench import format_bytes, format_ms, human_count
@@ -168,7 +170,7 @@ def bench_command(
         for table in (t2i_table(document), t2i_ratio_table(document)):
             err.print(table, width=max(err.width, 80))
     else:
-        err.print(results_table(document), width=max(err.width, 150))
+        err.print(results_table(document))
     if plot_path is not None:
         bench.plot(document, plot_path)
         err.print(f"plot written to {plot_path}")
@@ -261,51 +263,46 @@ def _run_t2i(teacher, students, options, settings, dev) -> dict:
         )
 
 
-def results_table(document: dict) -> Table:
-    """Rich table of the rows, with each student's ratios against the growing-cache teacher."""
+def results_table(document: dict) -> Group:
+    """One table per model (each fits 80 columns), with each student's ratios against the
+    growing-cache teacher (``x prefill``, ``x decode``: speed-ups; ``memory``: peak saved)."""
     timer = "CUDA events" if document["device"]["type"] == "cuda" else "wall clock"
-    table = Table(title=f"mmdistill bench on {document['device']['name']} ({timer})")
-    for column in (
-        "model",
-        "length",
-        "batch",
-        "prefill ms",
-        "decode ms/tok",
-        "tok/s",
-        "peak GiB",
-        "vs teacher: prefill",
-        "decode",
-        "memory",
-    ):
-        table.add_column(column, justify="left" if column == "model" else "right")
     ratio = {
         (r["student"], r["length"], r["batch"]): r
         for r in document["ratios"]
         if r["teacher"] == "teacher"
     }
-    for row in document["results"]:
-        cells = [row["model"], human_count(row["length"]), str(row["batch"])]
-        if row["status"] != "ok":
-            table.add_row(*cells, row["status"].upper(), *[""] * 6)
-            continue
-        tps = row["decode_tokens_per_s"]
-        cells += [
-            format_ms(row["prefill_ms"]),
-            format_ms(row["decode_ms_per_token"]),
-            "-" if tps is None else f"{tps:,.0f}",
-            format_bytes(row["peak_memory_bytes"]),
-        ]
-        r = ratio.get((row["model"], row["length"], row["batch"]))
-        if r is None:
-            cells += ["", "", ""]
-        else:
-            cells += [
-                _times(r["prefill_speedup"]),
-                _times(r["decode_speedup"]),
-                "" if r["memory_saving"] is None else f"-{100 * r['memory_saving']:.1f}%",
-            ]
-        table.add_row(*cells)
-    return table
+    tables = []
+    for model in dict.fromkeys(row["model"] for row in document["results"]):
+        table = Table(title=model, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1))
+        columns = ("ctx", "batch", "prefill", "ms/tok", "tok/s", "peak GiB")
+        for column in (*columns, "x prefill", "x decode", "memory"):
+            table.add_column(column, justify="right")
+        for row in (r for r in document["results"] if r["model"] == model):
+            table.add_row(*_result_cells(row, ratio.get((model, row["length"], row["batch"]))))
+        tables.append(table)
+    title = (
+        f"mmdistill bench on {document['device']['name']} ({timer}); prefill in ms, decode in "
+        "ms per token"
+    )
+    return Group(Text(title, style="bold"), *tables)
+
+
+def _result_cells(row: dict, r: dict | None) -> list[str]:
+    cells = [human_count(row["length"]), str(row["batch"])]
+    if row["status"] != "ok":
+        return [*cells, row["status"].upper(), *[""] * 6]
+    tps = row["decode_tokens_per_s"]
+    cells += [
+        format_ms(row["prefill_ms"]),
+        format_ms(row["decode_ms_per_token"]),
+        "-" if tps is None else f"{tps:,.0f}",
+        format_bytes(row["peak_memory_bytes"]),
+    ]
+    if r is None:
+        return [*cells, "", "", ""]
+    saved = "" if r["memory_saving"] is None else f"-{100 * r['memory_saving']:.1f}%"
+    return [*cells, _times(r["prefill_speedup"]), _times(r["decode_speedup"]), saved]
 
 
 def t2i_table(document: dict) -> Table:
