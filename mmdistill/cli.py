@@ -44,7 +44,7 @@ for _module in (seed_cmd, run_cmd, eval_cmd, generate_cmd, bench_cmd, demo_cmd):
 def main() -> None:
     """Console entry point: usage errors exit 2 (click), user errors print one line (and, with
     ``--json``, one JSON document on stdout: ``{"status": "error", "exit_code", "error": {"type",
-    "message"}}``)."""
+    "message"}, "completed": {...}}``)."""
     try:
         app()
     except MmdistillError as exc:
@@ -55,6 +55,7 @@ def main() -> None:
                     "status": "error",
                     "exit_code": exc.exit_code,
                     "error": {"type": type(exc).__name__, "message": str(exc)},
+                    "completed": exc.completed,
                 }
             )
         sys.exit(exc.exit_code)

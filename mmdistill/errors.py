@@ -5,9 +5,17 @@ from __future__ import annotations
 
 
 class MmdistillError(Exception):
-    """Base class for mistakes a user can fix (bad input, missing files, unsupported models)."""
+    """Base class for mistakes a user can fix (bad input, missing files, unsupported models).
+
+    ``completed`` says what was done before the failure (e.g. the last good checkpoint); the CLI
+    puts it in the ``--json`` error document.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str = "", completed: dict | None = None):
+        super().__init__(message)
+        self.completed = dict(completed or {})
 
 
 class TeacherError(MmdistillError):

@@ -136,6 +136,7 @@ def test_non_finite_loss_exits_3(monkeypatch, capfd, tmp_path):
     assert document["status"] == "error" and document["exit_code"] == 3
     assert document["error"]["type"] == "TrainingError"
     assert "is not finite" in document["error"]["message"]
+    assert document["completed"] == {"stages": [], "last_checkpoint": None}
 
 
 def test_resume_without_checkpoint_exits_2(monkeypatch, capfd, tmp_path, no_teacher):
