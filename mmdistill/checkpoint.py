@@ -104,11 +104,8 @@ def check_replaceable(directory: str | Path) -> None:
     except (OSError, ValueError):
         ours = False
     if foreign or not ours:
-        what = (
-            f"files mmdistill did not write ({', '.join(foreign[:5])})"
-            if foreign
-            else ("no mmdistill student")
-        )
+        names = ", ".join(foreign[:5])
+        what = f"files mmdistill did not write ({names})" if foreign else "no mmdistill student"
         raise CheckpointError(
             f"--force replaces only a student mmdistill wrote, and {directory} holds {what}; "
             "move them, or choose another --out"

@@ -475,8 +475,9 @@ def softcapped_attention(
     l, t = q.shape[-2], k.shape[-2]
     allowed = ctx.attn_mask
     if allowed is None or isinstance(allowed, CausalBias):
-        allowed = torch.ones(l, t, dtype=torch.bool, device=q.device)
-        allowed = allowed.tril(t - l) if ctx.is_causal or ctx.attn_mask is not None else allowed
+        # no dense mask: lower-right causal (a whole sequence, a chunk after a cache, or one
+        # decoded token, which sees every key)
+        allowed = torch.ones(l, t, dtype=torch.bool, device=q.device).tril(t - l)
     scores = scores.masked_fill(~allowed, float("-inf"))
     return (scores.float().softmax(-1).to(q.dtype)) @ v
 

@@ -60,7 +60,9 @@ def test_the_demo_runs_again_into_the_same_folder(tmp_path):
         "data.shapes.n_eval=4",
     ]
     first = run_demo(tmp_path, short, questions=4)
+    steps = (tmp_path / "linear" / "metrics.jsonl").read_text()  # a line per optimiser step
     again = run_demo(tmp_path, short, questions=4)
+    assert (tmp_path / "linear" / "metrics.jsonl").read_text() == steps  # resumed, not retrained
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in first["rows"]]
     assert [s["final_loss"] for s in again["runs"]["linear"]["stages"]] == [
         s["final_loss"] for s in first["runs"]["linear"]["stages"]

@@ -1,6 +1,6 @@
-"""Adapters for Hugging Face decoder-only LMs: Llama (incl. SmolLM2), Mistral, Qwen2, Qwen3, Phi-3, and
-InternLM2 (``wqkv`` grouped per KV head, docs/hovle_format.md). All read ``config.json`` as a plain
-dict, so remote-code models need no ``trust_remote_code``."""
+"""Adapters for Hugging Face decoder-only LMs: Llama (incl. SmolLM2), Mistral, Qwen2, Qwen3,
+Phi-3, and InternLM2 (``wqkv`` grouped per KV head, docs/hovle_format.md). All read
+``config.json`` as a plain dict, so remote-code models need no ``trust_remote_code``."""
 
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ def rotary_fraction(cfg: dict) -> float:
 class Phi3Adapter(TeacherAdapter):
     """Phi-3 and Phi-4: Llama's layer with q/k/v fused into ``qkv_proj`` (rows q, k, v) and
     gate/up into ``gate_up_proj`` (rows gate, up); a sliding window, when configured, on every
-    layer. RoPE on part of each head (Phi-4-mini) and ``longrope`` are refused."""
+    layer. RoPE on part of each head (Phi-4-mini) is refused."""
 
     name = "phi3"
     architectures = ("Phi3ForCausalLM",)

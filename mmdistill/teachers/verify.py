@@ -60,7 +60,7 @@ def reference_windows(hf_config: dict, cls) -> tuple[list[int | None], object]:
 
 def layer_windows_of(model_config) -> list[int | None]:
     """Each layer's sliding window in a canonical :class:`~mmdistill.model.LMConfig`."""
-    return [s.sliding_window for s in model_config.stacks for _ in range(s.num_layers)]
+    return [model_config.stacks[i].sliding_window for i in model_config.stack_of_layer()]
 
 
 def chosen_layers(windows: list[int | None]) -> list[int]:

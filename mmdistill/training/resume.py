@@ -54,7 +54,7 @@ def find_resume_point(run: Run, resume: bool) -> ResumePoint | None:
     """
     root = run.out / CHECKPOINTS
     if not resume:
-        if list_checkpoints(root) or (run.out / "student").exists():
+        if holds_run(run.out):
             raise CheckpointError(
                 f"{run.out} already holds a run; pass --resume to continue it, or set another "
                 "output_dir"
