@@ -78,8 +78,10 @@ def save_pretrained(
     return directory
 
 
+GATES_FILE = "gates.json"
+"""Beside a student whose run checked quality gates: the verdict (:mod:`mmdistill.gates`)."""
 _WRITTEN = re.compile(
-    r"config\.json|generation_config\.json|model\.safetensors(\.index\.json)?"
+    r"config\.json|generation_config\.json|gates\.json|model\.safetensors(\.index\.json)?"
     r"|model-\d+-of-\d+\.safetensors|adapters|" + re.escape(IMAGE_TOKENIZER_DIR)
 )
 

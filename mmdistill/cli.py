@@ -1,21 +1,25 @@
 """The ``mmdistill`` command line: thin typed commands over library calls.
 
-Progress and tables go to stderr (rich); ``--json`` prints exactly one JSON document on stdout.
-Exit codes: 0 success, 1 unexpected error (a bug: traceback shown), 2 user error (bad input,
-missing files, unsupported model), 3 training stopped (e.g. non-finite loss; last good
-checkpoint kept), 130 interrupted.
+Progress and tables go to stderr (rich); ``--json`` prints exactly one JSON document on stdout,
+on a failure too. Exit codes: :data:`mmdistill.errors.EXIT_CODES` (0 success, 1 a bug with its
+traceback, 2 bad input, 3 training stopped, 4 quality gates failed, 5 out of resources, 130
+interrupted).
 """
 
 from __future__ import annotations
 
 import sys
 
+import torch
 import typer
 
 from .commands import bench_cmd, demo_cmd, eval_cmd, generate_cmd, run_cmd, seed_cmd
 from .commands.output import emit_json, err
-from .errors import MmdistillError
+from .errors import MmdistillError, ResourceError
 from .version import __version__
+
+# click's exception classes as typer raises them (recent typer versions vendor click)
+_ClickException = sys.modules[typer.BadParameter.__module__].ClickException
 
 app = typer.Typer(
     name="mmdistill",
@@ -42,30 +46,45 @@ for _module in (seed_cmd, run_cmd, eval_cmd, generate_cmd, bench_cmd, demo_cmd):
 
 
 def main() -> None:
-    """Console entry point: usage errors exit 2 (click), user errors print one line (and, with
-    ``--json``, one JSON document on stdout: ``{"status": "error", "exit_code", "error": {"type",
-    "message"}, "completed": {...}}``)."""
+    """Console entry point. A failure the user (or the machine) caused prints one ``error:``
+    line and a ``hint:`` line on stderr and, with ``--json``, one document on stdout:
+    ``{"status": "error", "exit_code", "error": {"type", "message", "hint"}, "completed"}``."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except MmdistillError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        if "--json" in sys.argv[1:]:
-            emit_json(
-                {
-                    "status": "error",
-                    "exit_code": exc.exit_code,
-                    "error": {"type": type(exc).__name__, "message": str(exc)},
-                    "completed": exc.completed,
-                }
-            )
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:  # outside a command (typer turns one inside into exit 130)
+        _fail(exc.exit_code, type(exc).__name__, str(exc), exc.hint, exc.completed)
+    except _ClickException as exc:  # a usage error: click prints the usage and the message
+        exc.show()
+        ctx = getattr(exc, "ctx", None)
+        hint = f"see '{ctx.command_path if ctx else 'mmdistill'} --help'"
+        _fail(exc.exit_code, "UsageError", exc.format_message(), hint, shown=True)
+    except (KeyboardInterrupt, typer.Abort):
+        code = 130
+    except torch.OutOfMemoryError as exc:
+        message = f"out of memory: {str(exc).splitlines()[0]}"
+        _fail(5, "OutOfMemoryError", message, ResourceError.default_hint)
+    if code == 130:
         err.print("[yellow]interrupted[/]")
-        sys.exit(130)
-    except SystemExit as exc:
-        if exc.code == 130:  # Ctrl-C inside a command
-            err.print("[yellow]interrupted[/]")
-        raise
+    sys.exit(code or 0)
+
+
+def _fail(
+    code: int,
+    kind: str,
+    message: str,
+    hint: str,
+    completed: dict | None = None,
+    shown: bool = False,
+) -> None:
+    """Report a failure (stderr, unless ``shown`` already; the ``--json`` document) and exit."""
+    if not shown:
+        err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[dim]hint:[/] {hint}", highlight=False)
+    if "--json" in sys.argv[1:]:
+        error = {"type": kind, "message": message, "hint": hint}
+        document = {"status": "error", "exit_code": code, "error": error}
+        emit_json({**document, "completed": completed or {}})
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ResourceError
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -135,24 +135,31 @@ def is_disk_full(exc: BaseException) -> bool:
     return "No space left on device" in text or "StorageFull" in text
 
 
-def disk_full_error(target: Path, kept: str) -> CheckpointError:
-    """The message for a write to ``target`` that ran out of space: the space left, and what
-    was kept."""
+def disk_full_error(target: Path, kept: str, written: int | None = None) -> ResourceError:
+    """The message for a write to ``target`` that ran out of space: the space it needed (at
+    least ``written`` bytes, what went out before the disk filled), the space left, and what was
+    kept."""
     try:
         free = f"{shutil.disk_usage(Path(target).parent).free / 2**20:,.0f} MiB left"
     except OSError:
         free = "space left unknown"
-    return CheckpointError(
-        f"disk full while writing {target} ({free} on its filesystem); {kept}. Free some space "
-        "(or write elsewhere) and run again"
+    needed = "" if not written else f"it needs more than {written / 2**20:,.1f} MiB; "
+    return ResourceError(
+        f"disk full while writing {target} ({needed}{free} on its filesystem); {kept}",
+        hint="free some space (or write elsewhere) and run again; a run continues with --resume",
     )
+
+
+def _tree_bytes(directory: Path) -> int:
+    """Bytes of the files under ``directory`` (0 if it is gone)."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place.
 
     Raises:
-        CheckpointError: the disk is full (``path`` is left as it was).
+        ResourceError: the disk is full (``path`` is left as it was).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +170,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         if is_disk_full(exc):
-            raise disk_full_error(path, "it was not replaced") from exc
+            raise disk_full_error(path, "it was not replaced", len(data)) from exc
         raise
     finally:
         if tmp.exists():
@@ -200,10 +207,11 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
         else:
             tmp.rename(target)
     except BaseException as exc:
+        written = _tree_bytes(tmp) if tmp.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(exc):
             kept = f"{target} keeps what it held" if target.exists() else "nothing was written"
-            raise disk_full_error(target, kept) from exc
+            raise disk_full_error(target, kept, written) from exc
         raise
 
 

@@ -34,6 +34,7 @@ from pydantic import (
 
 from .attention_layers import parse_attention_layers
 from .errors import RecipeError
+from .gates import Gate, parse_gates
 from .mixer import TEACHER_FIELDS, MixerConfig
 from .roles import MIXER_ROLES, Role
 
@@ -426,6 +427,38 @@ class CheckpointSpec(_Strict):
     keep: int = Field(2, ge=1)
 
 
+class GatesSpec(_Strict):
+    """Quality gates checked on held-out data once the student is written
+    (:mod:`mmdistill.gates`; ``mmdistill run`` exits 4 when one fails).
+
+    Attributes:
+        checks: gates as ``METRIC OP NUMBER`` (``kl<=0.15``, ``ppl_ratio<=1.1``,
+            ``answer_accuracy_ratio>=0.9``, ``top1_agreement>=0.8``, ...).
+        data: held-out sources the student is evaluated on against the teacher (default:
+            ``data.eval``).
+        max_tokens: scored tokens per file at most.
+        max_questions: questions answered per file at most.
+        batch_size: sequences per forward.
+    """
+
+    checks: list[str] = Field(default_factory=list)
+    data: list[DataSource] = Field(default_factory=list)
+    max_tokens: int | None = Field(16384, ge=1)
+    max_questions: int | None = Field(64, ge=0)
+    batch_size: int = Field(4, ge=1)
+
+    @field_validator("checks")
+    @classmethod
+    def _checks(cls, value: list[str]):
+        parse_gates(value)
+        return value
+
+    @property
+    def parsed(self) -> list[Gate]:
+        """The checks as :class:`~mmdistill.gates.Gate` objects."""
+        return parse_gates(self.checks)
+
+
 class Recipe(_Strict):
     """A whole distillation run.
 
@@ -436,6 +469,7 @@ class Recipe(_Strict):
         student_dir: start from this saved student instead of seeding one from a teacher
             (only task stages can run then: distillation needs the teacher).
         omni: see :class:`OmniSpec` (needed by task stages).
+        gates: see :class:`GatesSpec`.
         teacher_dtype: dtype the frozen teacher is held in (default: float32 with
             ``precision: fp32``, else bfloat16).
         verify_teacher: check the teacher's conversion against transformers' own forward
@@ -471,6 +505,7 @@ class Recipe(_Strict):
     output_dir: str = Field(min_length=1)
     seed: int = 0
     omni: OmniSpec | None = None
+    gates: GatesSpec = Field(default_factory=GatesSpec)
 
     @model_validator(mode="after")
     def _start(self):
@@ -483,6 +518,29 @@ class Recipe(_Strict):
         if tasks and self.omni is None:
             raise ValueError(f"stages {tasks} train OmniMamba tasks; add an 'omni' section")
         return self
+
+    @model_validator(mode="after")
+    def _gates(self):
+        if not self.gates.checks:
+            return self
+        if self.teacher is None:
+            raise ValueError("gates compare the student with its teacher; this recipe has none")
+        if not self.gate_data:
+            raise ValueError("gates need held-out data: set gates.data or data.eval")
+        return self
+
+    @property
+    def gate_data(self) -> list[DataSource]:
+        """The held-out sources the gates are checked on."""
+        return self.gates.data or self.data.eval
+
+    def with_gates(self, checks: list[str]) -> Recipe:
+        """This recipe with ``checks`` added to its gates (validated like the file's)."""
+        if not checks:
+            return self
+        data = self.model_dump(mode="json")
+        data["gates"]["checks"] = [*self.gates.checks, *checks]
+        return validate_recipe(data, origin="--gate")
 
     @model_validator(mode="after")
     def _unique_stage_names(self):
@@ -502,6 +560,7 @@ class Recipe(_Strict):
         """Data files named by the recipe that do not exist (``key: path`` strings)."""
         out = []
         sources = [(f"data.{split}", getattr(self.data, split)) for split in ("train", "eval")]
+        sources.append(("gates.data", self.gates.data))
         if self.omni is not None:
             sources.append(("omni.t2i", self.omni.t2i))
         for where, specs in sources:

@@ -35,7 +35,7 @@ from rich.console import Console
 from .attention_layers import parse_attention_layers
 from .data.loader import shapes_dataset
 from .data.text import DataContext
-from .errors import DataError, RecipeError
+from .errors import DataError, MmdistillError, RecipeError
 from .files import atomic_write_text
 from .model import DecoderLM, load_student
 from .objective import TeacherForward
@@ -115,13 +115,15 @@ def distill(
             run_stage(run, stage, runner)
             student = finish_stage(run, stage)
             report = stage.report
-            run.history.append(asdict(report))
-            save_checkpoint(run, index, report.steps, student)
+            save_checkpoint(run, index, report.steps, student, finished=asdict(report))
             run.log(
                 f"stage {report.name}: loss {report.initial_loss:.5g} -> "
                 f"{report.final_loss:.5g} in {report.steps} steps, "
                 f"{report.tokens:,} tokens, {report.seconds:.1f} s"
             )
+    except MmdistillError as exc:  # e.g. a full disk: say what is done
+        exc.completed = exc.completed or run.completed()
+        raise
     finally:
         metrics.close()
     return _write_student(run, student, started)

@@ -206,12 +206,14 @@ def cli(monkeypatch, capfd, *args: str) -> tuple[int, str]:
 
 
 def test_cli_bench_needs_one_teacher(llama_dir, monkeypatch, capfd):
-    """Neither or both of --teacher/--random-shape: a user error (exit 2, one line, no traceback)."""
+    """Neither or both of --teacher/--random-shape: a user error (exit 2, one line and a hint,
+    no traceback)."""
     message = "error: give exactly one of --teacher SRC and --random-shape NAME"
     for source in ([], ["--teacher", str(llama_dir), "--random-shape", "tiny"]):
         code, err = cli(monkeypatch, capfd, "bench", *source, "--seed-layout", "none")
         assert code == 2, err
-        assert err.strip() == message
+        first, hint = err.strip().splitlines()
+        assert first == message and hint.startswith("hint: ")
 
 
 def test_cli_bench_teacher_alone_and_nothing_to_measure(llama_dir, monkeypatch, capfd):

@@ -118,6 +118,118 @@ def test_run_json_prints_one_document(monkeypatch, capfd, tmp_path):
     assert cli(monkeypatch, "run", *common(tmp_path), "--resume", "--json") == 0
     again = json.loads(capfd.readouterr().out)
     assert [s["final_loss"] for s in again["stages"]] == [s["final_loss"] for s in report["stages"]]
+    assert report["status"] == again["status"] == "ok" and "gates" not in again
+
+
+def test_a_failed_gate_exits_4_and_keeps_the_student_marked_failing(monkeypatch, capfd, tmp_path):
+    gates = ["--gate", "kl<=100", "--gate", "top1_agreement>=0.999"]
+    assert cli(monkeypatch, "run", *common(tmp_path), *gates, "--json") == 4
+    out, err = capfd.readouterr()
+    report = json.loads(out)  # still one JSON document, the whole report
+    assert report["status"] == "gates_failed" and report["gates"]["passed"] is False
+    checks = report["gates"]["checks"]
+    assert [(c["gate"], c["passed"]) for c in checks] == [
+        ("kl <= 100", True),
+        ("top1_agreement >= 0.999", False),
+    ]
+    assert checks[1]["value"] == report["gates"]["metrics"]["top1_agreement"] < 0.999
+    student = Path(report["student_dir"])
+    assert json.loads((student / "gates.json").read_text())["passed"] is False
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["status"] == "gates_failed"
+    mmdistill.load_student(student)  # written and loadable
+    assert "quality gates failed: top1_agreement" in " ".join(err.split())
+    # the run is complete: --resume only checks the gates again; without --gate they pass
+    assert cli(monkeypatch, "run", *common(tmp_path), "--resume", "--gate", "kl<=100") == 0
+    assert json.loads((student / "gates.json").read_text())["passed"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--gate", "kl=0.1"], "is not METRIC OP NUMBER"),
+        (["--gate", "loss<=1"], "unknown metric 'loss'"),
+        (["gates.checks=[kl<=1]", "data.eval=[]"], "gates need held-out data"),
+    ],
+)
+def test_a_bad_gate_exits_2_before_anything_loads(
+    monkeypatch, capfd, tmp_path, no_teacher, args, message
+):
+    assert cli(monkeypatch, "run", *common(tmp_path), *args, "--json") == 2
+    out, err = capfd.readouterr()
+    document = json.loads(out)
+    assert document["status"] == "error" and document["exit_code"] == 2
+    assert message in document["error"]["message"] and document["error"]["hint"]
+    assert message in " ".join(err.split()) and "hint:" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_during_a_run_exits_5_says_what_is_kept_and_resumes(
+    monkeypatch, capfd, tmp_path
+):
+    import mmdistill.training.checkpoints as checkpoints
+
+    real = checkpoints.save_sharded
+    calls = []
+
+    def fills_up(tensors, directory, *args, **kwargs):
+        calls.append(directory)
+        if len(calls) == 2:  # the second stage's checkpoint
+            (Path(directory) / "model.safetensors").write_bytes(b"x" * 4096)
+            raise OSError(28, "No space left on device")
+        return real(tensors, directory, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save_sharded", fills_up)
+    assert cli(monkeypatch, "run", *common(tmp_path), "--json") == 5
+    out, err = capfd.readouterr()
+    document = json.loads(out)
+    assert document["exit_code"] == 5 and document["error"]["type"] == "ResourceError"
+    assert "disk full while writing" in document["error"]["message"]
+    assert "MiB left on its filesystem" in document["error"]["message"]
+    assert "--resume" in document["error"]["hint"] and "Traceback" not in err
+    kept = document["completed"]
+    assert kept["stages"] == ["stage1-layer-alignment"]
+    assert Path(kept["last_checkpoint"]).name.startswith("ckpt-00-")
+    names = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert names == sorted(["latest", Path(kept["last_checkpoint"]).name])  # no temp folder
+    assert not (tmp_path / "out" / "student").exists()
+    monkeypatch.setattr(checkpoints, "save_sharded", real)
+    assert cli(monkeypatch, "run", *common(tmp_path), "--resume", "--json") == 0
+    resumed = json.loads(capfd.readouterr().out)
+    assert [s["name"] for s in resumed["stages"]][0] == "stage1-layer-alignment"
+
+
+def test_out_of_memory_exits_5_with_one_message(monkeypatch, capfd, tmp_path, no_teacher):
+    import mmdistill.commands.run_cmd as run_cmd
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    monkeypatch.setattr(run_cmd, "distill", oom)
+    assert cli(monkeypatch, "run", *common(tmp_path), "--json") == 5
+    out, err = capfd.readouterr()
+    document = json.loads(out)
+    assert document["error"]["type"] == "OutOfMemoryError"
+    assert document["error"]["message"] == (
+        "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+    )
+    assert "Traceback" not in err
+
+
+def test_a_usage_error_with_json_still_prints_one_document(monkeypatch, capfd):
+    assert cli(monkeypatch, "run", "recipe.yaml", "--bogus", "--json") == 2
+    out, err = capfd.readouterr()
+    document = json.loads(out)
+    assert document["error"]["type"] == "UsageError"
+    assert document["error"]["message"] == "No such option: --bogus"
+    assert "run --help" in document["error"]["hint"] and "No such option" in err
+
+
+def test_the_readme_lists_every_exit_code():
+    from mmdistill.errors import EXIT_CODES
+
+    readme = (ROOT / "README.md").read_text()
+    for code, meaning in EXIT_CODES.items():
+        assert f"| {code} | {meaning} |" in readme
 
 
 def test_non_finite_loss_exits_3(monkeypatch, capfd, tmp_path):
@@ -192,7 +304,7 @@ def test_seed_force_replaces_only_a_student_it_wrote(monkeypatch, capfd, tmp_pat
     assert (other / "data.csv").exists()
 
 
-def test_a_full_disk_during_seed_exits_2_and_keeps_the_old_student(
+def test_a_full_disk_during_seed_exits_5_and_keeps_the_old_student(
     monkeypatch, capfd, tmp_path, llama_dir
 ):
     """safetensors reports ENOSPC as a SafetensorError (not an OSError), as here."""
@@ -212,7 +324,7 @@ def test_a_full_disk_during_seed_exits_2_and_keeps_the_old_student(
         )
 
     monkeypatch.setattr(files, "save_file", full)
-    assert cli(monkeypatch, *args, "--force") == 2
+    assert cli(monkeypatch, *args, "--force") == 5
     err = " ".join(capfd.readouterr().err.split())
     assert "disk full while writing" in err and "MiB left on its filesystem" in err
     assert "keeps what it held" in err and "Traceback" not in err

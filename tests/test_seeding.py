@@ -10,7 +10,7 @@ from generation_harness import check_cached_generation
 
 import mmdistill
 from mmdistill.attention_layers import parse_attention_layers
-from mmdistill.errors import CheckpointError, MmdistillError
+from mmdistill.errors import CheckpointError, MmdistillError, ResourceError
 from mmdistill.mixer import Mamba2Mixer
 
 
@@ -177,7 +177,7 @@ def test_failed_save_leaves_nothing(tmp_path, llama_teacher, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(files_module, "save_file", boom)
-    with pytest.raises(CheckpointError, match="disk full"):
+    with pytest.raises(ResourceError, match="disk full"):
         student.save_pretrained(tmp_path / "s")
     assert list(tmp_path.iterdir()) == []
 

@@ -7,6 +7,9 @@ Optionally lm-evaluation-harness tasks. A table goes to stderr; ``--json`` print
 ``--task t2i`` evaluates generation instead (no teacher): one image per caption of each
 ``--data`` caption file (``{"image", "caption"}`` JSONL of the shapes world), read back by the
 shapes checker: exact match and per-attribute accuracy (:mod:`mmdistill.t2i_evaluation`).
+
+``--gate 'kl<=0.15'`` (repeatable) checks the overall metrics against thresholds
+(:mod:`mmdistill.gates`); a failed gate exits 4 after the report is printed.
 """
 
 from __future__ import annotations
@@ -25,11 +28,20 @@ from ..evaluation import (
     run_lm_eval,
     tokenizer_for,
 )
+from ..gates import check_gates, gate_metrics
 from ..model import DecoderLM
 from ..t2i_evaluation import evaluate_t2i, load_t2i_student, save_png
 from ..t2i_generation import Sampling
-from .options import DEVICE_HELP, DTYPE_HELP, check_dtype, require_files, resolve_device
-from .output import emit_json, err
+from .options import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    GATE_HELP,
+    check_dtype,
+    gate_options,
+    require_files,
+    resolve_device,
+)
+from .output import emit_json, err, finish_report
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -113,7 +125,7 @@ def eval_t2i(
     """Score the student's images for each caption file (tables on stderr); the report."""
     with err.status(f"loading student {student}"):
         model = load_t2i_student(student, device=device)
-    report: dict[str, Any] = {"student_source": student, "task": "t2i", "files": []}
+    report: dict[str, Any] = {"status": "ok", "student_source": student, "task": "t2i", "files": []}
     for path in files:
         with err.status(f"drawing the captions of {path}"):
             result, images, _ = evaluate_t2i(model, path, Sampling(cfg_scale=cfg_scale))
@@ -165,12 +177,19 @@ def eval_command(
     ),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    gate: list[str] | None = typer.Option(None, "--gate", help=GATE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Perplexity, KL(teacher‖student), top-1 agreement and answer accuracy of a student."""
     files = [*(data or []), *(more_data or [])]
+    gates = gate_options(gate)
     if task not in ("mmu", "t2i"):
         raise typer.BadParameter(f"unknown task {task!r}; mmu or t2i", param_hint="--task")
+    if gates and (task == "t2i" or not files):
+        raise typer.BadParameter(
+            "gates check the metrics of --data files against the teacher (--task mmu)",
+            param_hint="--gate",
+        )
     if task == "t2i":
         if not files:
             raise DataError("--task t2i: give caption files (--data captions.jsonl)")
@@ -196,7 +215,11 @@ def eval_command(
         teacher_model = load_model(teacher, dtype=dtype, device=device)
     with err.status(f"loading student {student}"):
         student_model = load_model(student, dtype=dtype, device=device)
-    report: dict[str, Any] = {"teacher_source": teacher, "student_source": student}
+    report: dict[str, Any] = {
+        "status": "ok",
+        "teacher_source": teacher,
+        "student_source": student,
+    }
     if files:
         result = evaluate_many(
             {"student": student_model},
@@ -214,8 +237,10 @@ def eval_command(
         err.print(results_table(result, f"{student} vs {teacher}"))
     if task_list:
         report["lm_eval"] = _harness(teacher_model, student_model, task_list, limit, include_path)
-    if as_json:
-        emit_json(report)
+    if gates:
+        report["gates"] = check_gates(gates, gate_metrics(report))
+        report["status"] = "ok" if report["gates"]["passed"] else "gates_failed"
+    finish_report(report, as_json, f"the student {student} does not pass them")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,10 +10,23 @@ import torch
 import typer
 
 from ..errors import DataError, MmdistillError
+from ..gates import METRICS, Gate, parse_gates
 
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_HELP = f"Weights dtype: {' | '.join(DTYPES)}."
 DEVICE_HELP = "cpu, cuda, cuda:1, ..."
+GATE_HELP = (
+    "Quality gate METRIC OP NUMBER, e.g. 'kl<=0.15' (repeatable; exit 4 when one fails). "
+    f"Metrics: {', '.join(METRICS)}."
+)
+
+
+def gate_options(texts: Iterable[str] | None) -> list[Gate]:
+    """The ``--gate`` options parsed; a usage error (exit 2) names a bad one."""
+    try:
+        return parse_gates(texts or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--gate") from None
 
 
 def require_files(paths: Iterable[Path], what: str) -> None:

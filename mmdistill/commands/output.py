@@ -7,7 +7,12 @@ import json
 import os
 import sys
 
+import typer
 from rich.console import Console
+from rich.table import Table
+
+from ..errors import GATES_FAILED
+from ..gates import failed_summary
 
 err = Console(stderr=True)
 """The console every command prints its tables, progress and messages to."""
@@ -33,3 +38,28 @@ def stdout_to_stderr():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def gates_table(verdict: dict) -> Table:
+    """The checks of a gates verdict (:func:`mmdistill.gates.check_gates`), one row each."""
+    table = Table(title="quality gates: " + ("passed" if verdict["passed"] else "FAILED"))
+    for column in ("gate", "value", "verdict"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for check in verdict["checks"]:
+        value = "not measured" if check["value"] is None else f"{check['value']:.4g}"
+        table.add_row(check["gate"], value, "pass" if check["passed"] else "[red]FAIL[/]")
+    return table
+
+
+def finish_report(report: dict, as_json: bool, failing: str) -> None:
+    """End a command with its report: the gates table (if any), the ``--json`` document, and
+    exit :data:`~mmdistill.errors.GATES_FAILED` when a gate failed, saying so with ``failing``
+    (e.g. where the student failing them was written)."""
+    verdict = report.get("gates")
+    if verdict is not None:
+        err.print(gates_table(verdict))
+    if as_json:
+        emit_json(report)
+    if verdict is not None and not verdict["passed"]:
+        err.print(f"[bold red]quality gates failed:[/] {failed_summary(verdict)}; {failing}")
+        raise typer.Exit(GATES_FAILED)

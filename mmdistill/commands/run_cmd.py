@@ -2,7 +2,9 @@
 
 Both take a recipe and OmegaConf-style ``key=value`` overrides; a malformed recipe fails before
 anything is loaded, naming the key (exit 2). ``run --json`` prints one JSON report on stdout
-(process 0 only); everything else goes to stderr. A non-finite loss or gradient exits 3.
+(process 0 only); everything else goes to stderr. A non-finite loss or gradient exits 3. The
+recipe's quality gates and ``--gate`` options are checked on held-out data once the student is
+written (:mod:`mmdistill.evaluation.gates`); a failed gate exits 4, the student kept.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..evaluation.gates import check_run_gates
 from ..recipe import load_recipe
 from ..trainer import distill
-from .output import emit_json, err, stdout_to_stderr
+from .options import GATE_HELP, gate_options
+from .output import emit_json, err, finish_report, stdout_to_stderr
 
 RECIPE_HELP = "Recipe YAML (see recipes/ and docs/distillation.md)."
 OVERRIDES_HELP = (
@@ -28,16 +32,27 @@ def run_command(
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the latest complete checkpoint in output_dir."
     ),
+    gate: list[str] | None = typer.Option(None, "--gate", help=GATE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON report on stdout."),
 ) -> None:
     """Distil a teacher into a Mamba-2 / hybrid student with the recipe's stages."""
-    loaded = load_recipe(recipe, overrides or [])
+    gate_options(gate)
+    loaded = load_recipe(recipe, overrides or []).with_gates(gate or [])
     with stdout_to_stderr():
         report = distill(loaded, resume=resume, console=err)
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:
+    state = PartialState()
+    if not state.is_main_process:
         return
+    print_run_table(report)
+    with stdout_to_stderr():
+        report = check_run_gates(loaded, report, device=str(state.device))
+    finish_report(report, as_json, f"the student is written to {report['student_dir']}")
+
+
+def print_run_table(report: dict) -> None:
+    """The stages of a run's report as a table on stderr."""
     table = Table(
         title=f"distilled student: {report['student_dir']}",
         caption="loss: first / last step, and on the eval data",
@@ -57,8 +72,6 @@ def run_command(
             "-" if stage["eval_loss"] is None else f"{stage['eval_loss']:.4g}",
         )
     err.print(table)
-    if as_json:
-        emit_json(report)
 
 
 def _mode(stage) -> str:
@@ -97,6 +110,9 @@ def validate_command(
             f"{stage.name}: {mode}, trains {', '.join(stage.trainable)}, lr {stage.lr:g}, {length}",
         )
     table.add_row("distributed", loaded.distributed.deepspeed or "plain PyTorch (DDP)")
+    if loaded.gates.checks:
+        on = ", ".join(s.source for s in loaded.gate_data)
+        table.add_row("gates", f"{', '.join(loaded.gates.checks)} on {on}")
     table.add_row("output_dir", loaded.output_dir)
     err.print(table)
     for problem in loaded.missing_files():

@@ -97,7 +97,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    run: Run, index: int, step: int, student: DecoderLM, stage: Stage | None = None
+    run: Run,
+    index: int,
+    step: int,
+    student: DecoderLM,
+    stage: Stage | None = None,
+    finished: dict | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically and point ``latest`` at it (all processes).
 
@@ -108,6 +113,8 @@ def save_checkpoint(
         student: The student (the plain module, also under DeepSpeed).
         stage: The stage in progress, for a mid-stage checkpoint (optimiser, data position,
             report so far); ``None`` at the end of a stage.
+        finished: At the end of a stage, its report: recorded with the finished stages once
+            the checkpoint is complete (``run.history``).
 
     Returns:
         The checkpoint directory.
@@ -128,7 +135,7 @@ def save_checkpoint(
                 optimizer = stage.optimizer.state_dict()
                 scheduler = stage.scheduler.state_dict()
                 torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
-            trainer_state = _trainer_state(run, index, step, stage)
+            trainer_state = _trainer_state(run, index, step, stage, finished)
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
     if procs.is_main:
         atomic_write_text(root / LATEST, name + "\n")
@@ -137,6 +144,8 @@ def save_checkpoint(
                 shutil.rmtree(old, ignore_errors=True)
     procs.barrier()
     run.last_checkpoint = root / name
+    if finished is not None:
+        run.history.append(finished)
     return root / name
 
 
@@ -144,7 +153,9 @@ def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu() for k, v in state.items()}
 
 
-def _trainer_state(run: Run, index: int, step: int, stage: Stage | None) -> dict:
+def _trainer_state(
+    run: Run, index: int, step: int, stage: Stage | None, finished: dict | None
+) -> dict:
     """The contents of ``trainer_state.json``."""
     return {
         "stage": index,
@@ -156,7 +167,7 @@ def _trainer_state(run: Run, index: int, step: int, stage: Stage | None) -> dict
         "deepspeed": run.deepspeed,
         "data": stage.batches.state_dict() if stage is not None else None,
         "current": stage.report.current() if stage is not None else None,
-        "history": run.history,
+        "history": [*run.history, *([finished] if finished is not None else [])],
     }
 
 

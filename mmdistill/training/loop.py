@@ -117,12 +117,11 @@ def _non_finite(run: Run, spec: StageSpec, step: int, what: str, value) -> Train
         f"lower clip_grad (now {spec.clip_grad})" if spec.clip_grad else "set clip_grad (e.g. 1.0)"
     )
     index = next(i for i, s in enumerate(run.recipe.stages) if s is spec)
-    last = None if run.last_checkpoint is None else str(run.last_checkpoint)
     return TrainingError(
         f"stage '{spec.name}' step {step}: the {what} is not finite ({value}); stopped "
         f"before updating the weights; {kept}. Lower stages.{index}.lr "
         f"(now {spec.lr:g}), {clip}, or check the data; {again}",
-        completed={"stages": [h["name"] for h in run.history], "last_checkpoint": last},
+        completed=run.completed(),
     )
 
 

@@ -61,6 +61,11 @@ class Run:
         """Whether the run uses DeepSpeed."""
         return self.zero is not None
 
+    def completed(self) -> dict[str, Any]:
+        """What is done, for an error raised now: the finished stages and the last checkpoint."""
+        last = None if self.last_checkpoint is None else str(self.last_checkpoint)
+        return {"stages": [h["name"] for h in self.history], "last_checkpoint": last}
+
     def log(self, message: str) -> None:
         """Print ``message`` on the console (process 0)."""
         if self.procs.is_main:
