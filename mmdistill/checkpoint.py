@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -86,9 +87,20 @@ _WRITTEN = re.compile(
 )
 
 
-def check_replaceable(directory: str | Path) -> None:
-    """Raise unless ``directory`` is missing, empty, or a student this module wrote holding only
-    the files it writes: what ``--force`` may replace without losing anyone's files.
+def _is_student(config: dict) -> bool:
+    return config.get("model_type") == MODEL_TYPE
+
+
+def check_replaceable(
+    directory: str | Path,
+    kind: str = "student",
+    owned: Callable[[dict], bool] = _is_student,
+    extra_names: tuple[str, ...] = (),
+) -> None:
+    """Raise unless ``directory`` is missing, empty, or a folder mmdistill wrote (its
+    ``config.json`` passes ``owned``: a ``kind``, by default a student) holding only the files
+    it writes (a student's, plus ``extra_names``): what ``--force`` may replace without losing
+    anyone's files.
 
     Raises:
         CheckpointError: naming the files that would be lost.
@@ -96,20 +108,19 @@ def check_replaceable(directory: str | Path) -> None:
     directory = Path(directory)
     if not directory.is_dir() or not any(directory.iterdir()):
         return
+    known = (*TOKENIZER_FILES, *extra_names)
     foreign = sorted(
-        p.name
-        for p in directory.iterdir()
-        if not (_WRITTEN.fullmatch(p.name) or p.name in TOKENIZER_FILES)
+        p.name for p in directory.iterdir() if not (_WRITTEN.fullmatch(p.name) or p.name in known)
     )
     try:
-        ours = json.loads((directory / "config.json").read_text()).get("model_type") == MODEL_TYPE
+        ours = owned(json.loads((directory / "config.json").read_text()))
     except (OSError, ValueError):
         ours = False
     if foreign or not ours:
         names = ", ".join(foreign[:5])
-        what = f"files mmdistill did not write ({names})" if foreign else "no mmdistill student"
+        what = f"files mmdistill did not write ({names})" if foreign else f"no mmdistill {kind}"
         raise CheckpointError(
-            f"--force replaces only a student mmdistill wrote, and {directory} holds {what}; "
+            f"--force replaces only what mmdistill wrote, and {directory} holds {what}; "
             "move them, or choose another --out"
         )
 

@@ -13,7 +13,15 @@ import sys
 import torch
 import typer
 
-from .commands import bench_cmd, demo_cmd, eval_cmd, generate_cmd, run_cmd, seed_cmd
+from .commands import (
+    bench_cmd,
+    demo_cmd,
+    eval_cmd,
+    export_cmd,
+    generate_cmd,
+    run_cmd,
+    seed_cmd,
+)
 from .commands.output import emit_json, err
 from .errors import MmdistillError, ResourceError
 from .version import __version__
@@ -41,7 +49,7 @@ def _root(
         raise typer.Exit()
 
 
-for _module in (seed_cmd, run_cmd, eval_cmd, generate_cmd, bench_cmd, demo_cmd):
+for _module in (seed_cmd, run_cmd, eval_cmd, export_cmd, generate_cmd, bench_cmd, demo_cmd):
     _module.register(app)
 
 

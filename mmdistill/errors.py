@@ -13,8 +13,8 @@ EXIT_CODES = {
     2: "bad input: command line, recipe, data, teacher, checkpoint or output folder; nothing "
     "half-written is left",
     3: "training stopped: non-finite loss or gradient; the last good checkpoint is kept",
-    GATES_FAILED: "quality gates failed: the student is written and marked failing "
-    "(gates.json); the report lists every gate",
+    GATES_FAILED: "a quality check failed: a gate (the student is written, marked failing in "
+    "gates.json) or export --check (the export is written); the report lists every check",
     5: "out of resources: disk full or out of memory; what was complete is kept",
     130: "interrupted (Ctrl-C); a run continues with --resume",
 }
@@ -50,7 +50,7 @@ class TeacherError(MmdistillError):
 class CheckpointError(MmdistillError):
     """A checkpoint is missing, partial or unreadable."""
 
-    default_hint = "check the directory named above; a run continues with --resume"
+    default_hint = "check the folder named above: --force replaces only what mmdistill wrote"
 
 
 class RecipeError(MmdistillError):

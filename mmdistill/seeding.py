@@ -16,9 +16,30 @@ import torch
 from .attention_layers import layer_types_for
 from .decoder import Attention
 from .errors import MmdistillError
+from .lm_config import LMConfig
 from .mixer import Mamba2Mixer
 from .model import DecoderLM, build_from_state_dict
 from .roles import INHERITED_PARAMS
+
+
+def planned_config(
+    config: LMConfig, attention_layers="none", mixer: dict | None = None
+) -> LMConfig:
+    """The configuration of the student :func:`seed` builds from a teacher of ``config`` (no
+    weights needed: e.g. to say before any training whether it can be exported).
+
+    Raises:
+        MmdistillError: a bad layout, or a teacher that already has Mamba layers.
+    """
+    try:
+        layer_types = layer_types_for(attention_layers, config.num_layers)
+    except ValueError as exc:
+        raise MmdistillError(str(exc)) from exc
+    already = [i for i, t in enumerate(config.layer_types) if t != "attention"]
+    if already:
+        raise MmdistillError(f"the teacher already has Mamba layers {already}: seed from a teacher")
+    options = {**config.mixer, **(mixer or {})}
+    return replace(copy.deepcopy(config), layer_types=layer_types, mixer=options)
 
 
 def seed(
@@ -39,17 +60,8 @@ def seed(
         The student, same dtype and device as the teacher, in eval mode, all parameters
         trainable.
     """
-    config = teacher.config
-    try:
-        layer_types = layer_types_for(attention_layers, config.num_layers)
-    except ValueError as exc:
-        raise MmdistillError(str(exc)) from exc
-    already = [i for i, t in enumerate(config.layer_types) if t != "attention"]
-    if already:
-        raise MmdistillError(f"the teacher already has Mamba layers {already}: seed from a teacher")
-    options = dict(config.mixer)
-    options.update(mixer or {})
-    student_config = replace(copy.deepcopy(config), layer_types=layer_types, mixer=options)
+    student_config = planned_config(teacher.config, attention_layers, mixer)
+    layer_types = student_config.layer_types
     generator = torch.Generator().manual_seed(seed)
     try:
         with torch.device("meta"):
@@ -87,7 +99,7 @@ def seed(
         for name, tensor in fresh.state_dict().items():
             student_state[f"layers.{i}.mixer.{name}"] = tensor.clone()
     missing = set(student.state_dict()) - set(student_state)
-    if config.tie_word_embeddings:
+    if student_config.tie_word_embeddings:
         missing.discard("lm_head.weight")
         student_state.pop("lm_head.weight", None)
     if missing:

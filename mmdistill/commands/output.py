@@ -63,3 +63,10 @@ def finish_report(report: dict, as_json: bool, failing: str) -> None:
     if verdict is not None and not verdict["passed"]:
         err.print(f"[bold red]quality gates failed:[/] {failed_summary(verdict)}; {failing}")
         raise typer.Exit(GATES_FAILED)
+
+
+def export_summary(verdict: dict) -> str:
+    """One table cell of an :func:`~mmdistill.export.export_verdict`."""
+    if verdict["exportable"]:
+        return f"exportable to {verdict['architecture']} (mmdistill export; vLLM, SGLang)"
+    return "not exportable: " + "; ".join(verdict["reasons"])

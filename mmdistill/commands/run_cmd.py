@@ -14,11 +14,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..errors import MmdistillError
 from ..evaluation.gates import check_run_gates
+from ..export.plan import planned_export
 from ..recipe import load_recipe
 from ..trainer import distill
 from .options import GATE_HELP, gate_options
-from .output import emit_json, err, finish_report, stdout_to_stderr
+from .output import emit_json, err, export_summary, finish_report, stdout_to_stderr
 
 RECIPE_HELP = "Recipe YAML (see recipes/ and docs/distillation.md)."
 OVERRIDES_HELP = (
@@ -113,12 +115,26 @@ def validate_command(
     if loaded.gates.checks:
         on = ", ".join(s.source for s in loaded.gate_data)
         table.add_row("gates", f"{', '.join(loaded.gates.checks)} on {on}")
+    table.add_row("export", _planned_export(loaded))
     table.add_row("output_dir", loaded.output_dir)
     err.print(table)
     for problem in loaded.missing_files():
         err.print(f"[yellow]warning:[/] {problem}", highlight=False)
     if as_json:
         emit_json(loaded.model_dump(mode="json"))
+
+
+def _planned_export(recipe) -> str:
+    """Whether the recipe's student will export, or why that is not known yet."""
+    teacher = recipe.teacher or ""
+    if recipe.student_dir is None and not (
+        teacher.startswith("builtin:") or Path(teacher).exists()
+    ):
+        return "checked when the teacher loads (not a local folder)"
+    try:
+        return export_summary(planned_export(recipe))
+    except MmdistillError as exc:
+        return f"not known yet ({exc})"
 
 
 def register(app: typer.Typer) -> None:

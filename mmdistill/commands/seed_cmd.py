@@ -10,11 +10,12 @@ from rich.table import Table
 
 from ..checkpoint import check_replaceable
 from ..errors import CheckpointError
+from ..export import export_verdict
 from ..seeding import count_parameters
 from ..seeding import seed as seed_fn
 from ..teachers import load_teacher
 from ..teachers.verify import verification_summary
-from .output import emit_json, err
+from .output import emit_json, err, export_summary
 
 
 def seed_command(
@@ -78,6 +79,7 @@ def seed_command(
         "converted_layers": converted,
         "attention_layers": kept,
         "parameters": params,
+        "export": export_verdict(student.config),
         "seconds": round(seconds, 3),
     }
     table = Table(title="seeded student", show_header=False)
@@ -91,6 +93,7 @@ def seed_command(
         "parameters",
         f"{params['total']:,} total: {params['inherited']:,} inherited, {params['new']:,} new",
     )
+    table.add_row("export", export_summary(report["export"]))
     table.add_row("written", str(out))
     table.add_row("time", f"{seconds:.1f} s")
     err.print(table)

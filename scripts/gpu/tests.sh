@@ -2,12 +2,12 @@
 # GPU parity tests (tests/test_kernels_gpu.py, pytest -m gpu): Triton SSD, decode, conv, norm and
 # attention kernels and the fused mixer against their references, cached generation against
 # recomputation, static vs growing KV caches, CUDA-graph decode vs eager, CUDA-graph t2i codes vs
-# generate_codes. Log: $OUT/gpu_tests.log.
+# generate_codes, bf16 exports under stock transformers (tests/test_export.py). Log: $OUT/gpu_tests.log.
 # Usage: bash scripts/gpu/tests.sh [pytest args...]   e.g. -n 6 (pytest-xdist workers),
 #        -k "cached or static or graph". Run with MAMBA_DETERMINISTIC=1 (mamba-ssm then launches one
 #        configuration per kernel instead of autotuning over about 200 at first use) and without
 #        TRITON_CACHE_AUTOTUNING (which would bring that autotuning back).
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernels_gpu.py "$@" 2>&1 \
+python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernels_gpu.py tests/test_export.py "$@" 2>&1 \
   | tee "$OUT/gpu_tests.log" | tail -40
