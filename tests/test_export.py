@@ -21,7 +21,7 @@ from test_teachers import llama_to_internlm2
 import mmdistill
 from mmdistill.cli import main
 from mmdistill.errors import CheckpointError
-from mmdistill.export import ExportError, check_export, export_student
+from mmdistill.export import ExportError, check_export, export_student, load_export
 
 FAMILIES = {
     "llama": ("llama", {}),
@@ -195,6 +195,25 @@ def test_seed_says_whether_the_student_will_export(teachers, tmp_path, monkeypat
     assert "seed with --gate-order before_norm" in verdict["reasons"][0]
 
 
+def test_a_transformers_release_that_runs_the_export_wrongly_is_refused(
+    teachers, tmp_path, monkeypatch, capfd
+):
+    """transformers 5.17 loads an export and computes wrong logits (0.98 of their scale, run on
+    the CPU and on an H200): --check refuses it before writing, load_export refuses it."""
+    import transformers
+
+    student_dir, out = tmp_path / "student", tmp_path / "export"
+    randomised_student(teachers["llama"], "none").save_pretrained(student_dir)
+    export_student(student_dir, out)
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(ExportError, match="transformers 5.17.0 normalises .* per group"):
+        load_export(out)
+    args = ["export", "--student", str(student_dir), "--out", str(tmp_path / "new"), "--check"]
+    code, _, err = cli(monkeypatch, capfd, *args)
+    assert code == 2 and "hint: pip install -U 'transformers>=5.23.0'" in err
+    assert not (tmp_path / "new").exists()
+
+
 def test_force_does_not_replace_a_student(teachers, tmp_path):
     randomised_student(teachers["llama"], "none").save_pretrained(tmp_path / "student")
     mmdistill.seed(teachers["llama"], "none").save_pretrained(tmp_path / "other")
@@ -208,8 +227,6 @@ def test_a_bf16_export_runs_under_stock_transformers_on_cuda(teachers, tmp_path,
     """bf16 on the GPU: our student (its Triton kernels where present) against stock
     transformers on the export, logits and greedy tokens with each side's cache. The logits are
     made peaked so that greedy choices are not near-ties that bf16 rounding could flip."""
-    from mmdistill.export import load_export
-
     student = randomised_student(teachers["qwen2"], layout)
     student.save_pretrained(tmp_path / "student")
     export_student(tmp_path / "student", tmp_path / "export", dtype="bfloat16")

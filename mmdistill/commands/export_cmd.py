@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import GATES_FAILED
-from ..export import check_export, export_student
+from ..export import check_export, check_stock_transformers, export_student
 from .options import DTYPE_HELP, check_dtype
 from .output import emit_json, err
 
@@ -30,6 +30,8 @@ def export_command(
     """Write a student as a stock transformers model (GraniteMoeHybrid) for vLLM and SGLang."""
     if dtype is not None:
         check_dtype(dtype)
+    if check:
+        check_stock_transformers()  # before writing: --check could not pass
     with err.status(f"writing {out}"):
         report = export_student(student, out, force=force, dtype=dtype)
     report["status"] = "ok"

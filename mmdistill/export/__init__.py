@@ -6,13 +6,22 @@
 
 from .check import check_export
 from .granite import ARCHITECTURE, export_blockers, export_verdict
-from .hf_folder import ExportError, check_exportable, export_student, load_export
+from .hf_folder import (
+    STOCK_TRANSFORMERS_MIN,
+    ExportError,
+    check_exportable,
+    check_stock_transformers,
+    export_student,
+    load_export,
+)
 
 __all__ = [
     "ARCHITECTURE",
     "ExportError",
+    "STOCK_TRANSFORMERS_MIN",
     "check_export",
     "check_exportable",
+    "check_stock_transformers",
     "export_blockers",
     "export_student",
     "export_verdict",

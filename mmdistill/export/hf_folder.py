@@ -10,6 +10,11 @@ A pure-Mamba export sets ``use_cache: false``: stock transformers 5.24 raises ``
 (``get_seq_length`` on a cache without attention layers) in any forward with the cache of a
 ``GraniteMoeHybrid`` model that has no attention layer, so its ``generate()`` recomputes
 instead. vLLM and SGLang keep their own state and ignore the flag.
+
+Stock transformers before 5.23 normalises a ``GraniteMoeHybrid`` mixer's gated output over the
+whole width instead of per group (vLLM, SGLang and mamba-ssm's kernels normalise per group, as
+our mixers do): such a release loads the export without complaint and computes something else.
+:func:`load_export` refuses those releases (:data:`STOCK_TRANSFORMERS_MIN`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from ..version import __version__
 from .granite import ARCHITECTURE, MODEL_TYPE, export_blockers, granite_config, granite_state_dict
 
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+STOCK_TRANSFORMERS_MIN = "5.23.0"
+"""The first transformers release whose GraniteMoeHybrid normalises the gated output per group."""
 
 
 class ExportError(CheckpointError):
@@ -42,6 +49,21 @@ def check_exportable(config: LMConfig, what: str) -> None:
     reasons = export_blockers(config)
     if reasons:
         raise ExportError(f"{what} cannot be exported to {ARCHITECTURE}: " + "; ".join(reasons))
+
+
+def check_stock_transformers() -> None:
+    """Raise :class:`ExportError` when the installed transformers runs the export wrongly."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(STOCK_TRANSFORMERS_MIN):
+        raise ExportError(
+            f"transformers {transformers.__version__} normalises GraniteMoeHybrid's Mamba-2 "
+            "output over the whole width, not per group as the export needs: it would load the "
+            f"export and compute wrong logits (fixed in {STOCK_TRANSFORMERS_MIN})",
+            hint=f"pip install -U 'transformers>={STOCK_TRANSFORMERS_MIN}' (vLLM and SGLang are "
+            "not affected)",
+        )
 
 
 def _is_export(config: dict) -> bool:
@@ -63,6 +85,9 @@ A linear-time student distilled by mmdistill {__version__} from
 `{provenance["teacher"]}` ({provenance["teacher_architecture"]}): {layout} layers,
 written as `{ARCHITECTURE}` (dense: no experts, multipliers 1) so stock transformers, vLLM and
 SGLang load it without remote code.
+
+With stock transformers {STOCK_TRANSFORMERS_MIN} or newer (earlier releases normalise the Mamba-2
+output over the whole width instead of per group, and compute wrong logits without an error):
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -135,7 +160,9 @@ def export_student(
 
 
 def load_export(out: str | Path, dtype: torch.dtype = torch.float32):
-    """The export in ``out`` loaded by stock transformers (``AutoModelForCausalLM``)."""
+    """The export in ``out`` loaded by stock transformers (``AutoModelForCausalLM``); raises
+    :class:`ExportError` on a transformers release that would compute it wrongly."""
     from transformers import AutoModelForCausalLM
 
+    check_stock_transformers()
     return AutoModelForCausalLM.from_pretrained(str(out), dtype=dtype).eval()
