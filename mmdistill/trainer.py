@@ -46,7 +46,7 @@ from .training.checkpoints import CHECKPOINTS, remove_partial_checkpoints, save_
 from .training.deepspeed_engine import wrap_teacher, zero_stage
 from .training.loop import run_stage
 from .training.metrics import MetricsLog
-from .training.omni_data import load_omni_data, prepare_student
+from .training.omni_data import image_tokenizer_for, load_omni_data, prepare_student
 from .training.processes import Processes
 from .training.resume import find_resume_point, resume_run, resume_stage
 from .training.stage_setup import build_stage, finish_stage
@@ -191,7 +191,11 @@ def _write_student(run: Run, student: DecoderLM, started: float) -> dict:
     """
     student_dir = run.out / "student"
     if run.procs.is_main:
-        image_tokenizer = run.omni.image_tokenizer if run.omni is not None else None
+        image_tokenizer = None
+        if run.omni is not None:
+            image_tokenizer = run.omni.image_tokenizer
+        elif run.recipe.omni is not None:  # resumed after its last stage: no stage loaded it
+            image_tokenizer = image_tokenizer_for(run.recipe)[0]
         student.save_pretrained(student_dir, overwrite=True, image_tokenizer=image_tokenizer)
     run.procs.barrier()
     result = {

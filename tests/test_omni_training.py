@@ -4,6 +4,7 @@ parameters, the saved student generates, and an interrupted task stage resumes e
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,20 @@ def test_an_interrupted_task_stage_resumes_exactly(tmp_path, trained, vq_dir):
     assert first.keys() == again.keys()
     for key in first:
         torch.testing.assert_close(again[key], first[key], rtol=0, atol=0, msg=key)
+
+
+def test_resuming_a_run_killed_after_its_last_stage_writes_a_whole_student(
+    tmp_path, trained, vq_dir
+):
+    """Killed between the last checkpoint and the student (no stage left to run on resume): the
+    student written on resume still carries its image tokenizer and draws."""
+    out, report = trained
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "student")
+    resumed = distill(omni_recipe(copy, vq_dir, tmp_path / "cache"), resume=True)
+    student = load_t2i_student(resumed["student_dir"])
+    images, crossed = generate_images(student, ["a large red circle in the top left."])
+    assert len(images) == 1 and crossed == 0
+    first = read_safetensors(Path(report["student_dir"]))
+    assert read_safetensors(Path(resumed["student_dir"])).keys() == first.keys()
