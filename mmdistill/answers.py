@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .frontends.hovle import prepare_images
+from .frontends.multimodal import prepare_images
 from .generation import generate
 from .model import DecoderLM
 from .tokenizer import Tokenizer

@@ -25,8 +25,9 @@ import torch
 
 from .chat import IMAGE_PLACEHOLDER, place_images
 from .errors import DataError
-from .frontends.hovle import expand_prompt, is_hovle, prepare_images
+from .frontends.hovle import is_hovle
 from .frontends.hovle_image import render_chat
+from .frontends.multimodal import expand_prompt, is_multimodal, prepare_images
 from .tokenizer import Tokenizer
 
 __all__ = ["ChatFormat", "build_generation_prompt", "chat_format_for"]
@@ -55,8 +56,8 @@ class ChatFormat:
 
     @property
     def multimodal(self) -> bool:
-        """Whether the model takes images (a HoVLE front-end)."""
-        return is_hovle(self.config)
+        """Whether the model takes images (a HoVLE or LLaVA front-end)."""
+        return is_multimodal(self.config)
 
     @property
     def add_special_tokens(self) -> bool:
@@ -88,7 +89,7 @@ class ChatFormat:
         if count and not self.multimodal:
             raise DataError(
                 f"{where} has images, but the model has a text-only front-end; use text-only "
-                "conversations or a multimodal (HoVLE-format) model"
+                "conversations or a multimodal (HoVLE or LLaVA) model"
             )
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
         if self.multimodal and placeholders != count:
@@ -172,7 +173,7 @@ def build_generation_prompt(
         model: teacher or student (a :class:`~mmdistill.model.DecoderLM`).
         tokenizer: its tokenizer.
         prompt: the user's text (``<image>`` optional: the :mod:`mmdistill.chat` rule applies).
-        images: image paths (HoVLE-format models only).
+        images: image paths (multimodal models only).
         use_template: False feeds ``prompt`` raw (plus the tokenizer's BOS).
 
     Returns:

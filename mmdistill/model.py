@@ -370,6 +370,8 @@ def build_from_state_dict(
         model.lm_head.weight = model.front.token_embeddings().weight
     for rotary in model.rotary:
         rotary.inv_freq = rotary._inv_freq(rotary.config.rope_theta)
+    if hasattr(model.front, "reset_buffers"):  # buffers no checkpoint holds (LLaVA's tower)
+        model.front.reset_buffers()
     return model.eval()
 
 

@@ -10,7 +10,9 @@ recipe stage trains (:func:`parameter_role`, :func:`set_trainable`).
 ``mlp``        the MLPs
 ``norms``      every RMSNorm (per layer and final)
 ``embeddings`` text embedding tables (``front.``) and the LM head
-``vision``     the vision front-end (``front.vision_embeddings``, ``front.pixel_shuffle_proj``)
+``vision``     the vision front-end (HoVLE: ``front.vision_embeddings``,
+               ``front.pixel_shuffle_proj``; LLaVA: ``front.vision_tower``,
+               ``front.multi_modal_projector``)
 ``image_embeddings``  the image vocabulary's inputs: code and layout-token embeddings, code
                positions, the projector (``image_vocab.{embed,layout,position,projector}``)
 ``image_head`` the image head (``image_vocab.head``)
@@ -48,7 +50,12 @@ QKV_PARAMS = ("c_proj", "b_proj", "x_proj")
 INHERITED_PARAMS = (*QKV_PARAMS, "out_proj")
 """Mixer parameters copied from the teacher's attention (Q/K/V/O); the others are new."""
 ATTENTION_PARAMS = ("q_proj", "k_proj", "v_proj", "o_proj")
-VISION_MODULES = ("vision_embeddings", "pixel_shuffle_proj")
+VISION_MODULES = (
+    "vision_embeddings",
+    "pixel_shuffle_proj",
+    "vision_tower",
+    "multi_modal_projector",
+)
 EMBEDDING_MODULES = ("llm_text_embeddings", "special_text_embeddings", "embed_tokens")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+ROOT_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def tiny_hf_kwargs(**overrides) -> dict:
@@ -106,15 +110,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_char_tokenizer(directory) -> int:
-    """A character-level HF tokenizer (BOS added, chat template); returns its vocabulary size."""
+def write_char_tokenizer(directory, extra_specials: tuple[str, ...] = ()) -> int:
+    """A character-level HF tokenizer (BOS added, chat template), ``extra_specials`` last;
+    returns its vocabulary size."""
     from tokenizers import Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as RawTokenizer
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     chars = list(" \n" + string.ascii_letters + string.digits + ".,?!:;'-")
-    vocab = {t: i for i, t in enumerate(specials + chars)}
+    vocab = {t: i for i, t in enumerate(specials + chars + list(extra_specials))}
     raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     raw.decoder = decoders.Fuse()
@@ -124,7 +129,7 @@ def write_char_tokenizer(directory) -> int:
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", *extra_specials],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(directory))

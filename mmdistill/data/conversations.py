@@ -22,7 +22,7 @@ from pathlib import Path
 from ..chat import record_messages
 from ..chat_format import ChatFormat, chat_format_for
 from ..errors import DataError
-from ..frontends.hovle import prepare_images
+from ..frontends.multimodal import prepare_images
 from .text import DataContext, LineFile, Sample
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from ..answers import Question, greedy_answers
 from ..chat import place_images
 from ..chat_format import chat_format_for
 from ..data.synthetic import ShapeSample, answer_accuracy
-from ..frontends.hovle import prepare_images
+from ..frontends.multimodal import prepare_images
 from ..model import DecoderLM
 from ..tokenizer import Tokenizer
 

@@ -19,7 +19,7 @@ from ..answers import Question
 from ..chat import IMAGE_PLACEHOLDER, record_messages
 from ..chat_format import ChatFormat
 from ..errors import DataError
-from ..frontends.hovle import prepare_images
+from ..frontends.multimodal import prepare_images
 from .documents import ScoredSequence
 
 

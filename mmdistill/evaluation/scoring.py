@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from ..frontends.hovle import prepare_images
+from ..frontends.multimodal import prepare_images
 from ..metrics import TokenSums, score_tokens
 from ..model import DecoderLM
 from .documents import ScoredSequence

@@ -1,8 +1,9 @@
 """Front-ends: what turns token ids (and images) into the decoder's input embeddings.
 
 A model's ``config.front_end["type"]`` names its front-end class here. Built in: ``text`` (token
-embeddings) and ``hovle`` (HoVLE's holistic embedding: patch embedding, pixel shuffle and
-projection written over the image-context tokens). An in-house front-end is registered with
+embeddings), ``hovle`` (HoVLE's holistic embedding: patch embedding, pixel shuffle and
+projection written over the image-context tokens) and ``llava`` (transformers' own vision tower
+and projector written over the image tokens). An in-house front-end is registered with
 :func:`register_front_end` before its model is built.
 """
 
@@ -11,9 +12,14 @@ from __future__ import annotations
 from torch import nn
 
 from .hovle import HoVLEFrontEnd
+from .llava import LlavaFrontEnd
 from .text import TextFrontEnd
 
-FRONT_ENDS: dict[str, type[nn.Module]] = {"text": TextFrontEnd, "hovle": HoVLEFrontEnd}
+FRONT_ENDS: dict[str, type[nn.Module]] = {
+    "text": TextFrontEnd,
+    "hovle": HoVLEFrontEnd,
+    "llava": LlavaFrontEnd,
+}
 
 
 def register_front_end(name: str, cls: type[nn.Module]) -> type[nn.Module]:
@@ -33,4 +39,11 @@ def front_end_class(kind: str) -> type[nn.Module]:
     return FRONT_ENDS[kind]
 
 
-__all__ = ["FRONT_ENDS", "HoVLEFrontEnd", "TextFrontEnd", "front_end_class", "register_front_end"]
+__all__ = [
+    "FRONT_ENDS",
+    "HoVLEFrontEnd",
+    "LlavaFrontEnd",
+    "TextFrontEnd",
+    "front_end_class",
+    "register_front_end",
+]

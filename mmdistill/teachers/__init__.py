@@ -1,6 +1,6 @@
 """Teacher adapters and loading. Importing this package registers every built-in adapter."""
 
-from . import gemma, hf, hovle  # noqa: F401 - registers the built-in adapters and front-ends
+from . import gemma, hf, hovle, llava  # noqa: F401 - registers the built-in adapters and front-ends
 from .base import ADAPTERS, Rule, TeacherAdapter, apply_rules, find_adapter, register_adapter
 from .loading import load_teacher, resolve_source, teacher_config
 

@@ -107,6 +107,11 @@ class TeacherAdapter:
     def rules(self, hf_config: dict) -> list[Rule]:
         raise NotImplementedError
 
+    def front_end_files(self, directory, config: LMConfig) -> dict:
+        """Front-end settings read from the checkpoint's folder besides ``config.json`` (e.g.
+        an image processor's), merged into ``config.front_end`` by ``load_teacher``."""
+        return {}
+
 
 ADAPTERS: list[TeacherAdapter] = []
 
@@ -125,7 +130,8 @@ REFUSED = {
     "which the canonical attention cannot express",
     "Qwen2_5_VLForConditionalGeneration": "M-RoPE (3-D rotary positions for images and "
     "video), which the canonical attention cannot express",
-    "LlavaForConditionalGeneration": "a front-end for LLaVA's vision tower is not built yet",
+    "InternVLForConditionalGeneration": "InternVL's processor tiles each image into crops "
+    "and its projector pixel-shuffles the features, which the LLaVA front-end does not do yet",
     "Gemma3ForConditionalGeneration": "a front-end for Gemma 3's vision tower is not built "
     "yet (its text model, Gemma3ForCausalLM, converts)",
 }

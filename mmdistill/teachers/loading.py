@@ -185,6 +185,7 @@ def load_teacher(
     adapter = find_adapter(hf_config, str(source))
     tensors = read_safetensors(directory)
     model = convert_checkpoint(adapter, hf_config, tensors, str(source), dtype)
+    model.config.front_end.update(adapter.front_end_files(directory, model.config))
     if verify:
         checked = verify_conversion(
             hf_config,

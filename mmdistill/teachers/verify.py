@@ -13,6 +13,11 @@ layer are compared in float32 on the CPU; the first place they differ is named.
 The full config is checked too, without weights: each layer's sliding window as the adapter
 reads it against transformers' config (``layer_types`` and ``sliding_window``).
 
+A multimodal checkpoint with a ``text_config`` (LLaVA) is cut down in its language model only;
+its check feeds one random image per sequence through the (whole) vision tower, with the image
+tokens where the processor puts them, and transformers loads the cut-down checkpoint with
+``from_pretrained`` (which reads LLaVA's saved key names).
+
 Checkpoints whose architecture transformers has no class for (remote-code models such as
 InternLM2 and HoVLE) are not verified here; their adapters are tested against the models' own
 code instead.
@@ -21,9 +26,12 @@ code instead.
 from __future__ import annotations
 
 import copy
+import json
 import re
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -48,9 +56,16 @@ def reference_class(hf_config: dict):
     return None
 
 
+def text_part(config):
+    """The part of a config (dict or object) that describes the decoder layers."""
+    if isinstance(config, dict):
+        return config.get("text_config") or config
+    return getattr(config, "text_config", None) or config
+
+
 def reference_windows(hf_config: dict, cls) -> tuple[list[int | None], object]:
-    """Each layer's sliding window as transformers reads ``hf_config``, and its config."""
-    config = cls.config_class.from_dict(copy.deepcopy(hf_config))
+    """Each layer's sliding window as transformers reads ``hf_config``, and its (text) config."""
+    config = text_part(cls.config_class.from_dict(copy.deepcopy(hf_config)))
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     if types is None:
@@ -76,28 +91,52 @@ def truncated_checkpoint(
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """``hf_config`` and ``tensors`` cut down to ``layers`` (renumbered from 0)."""
     small = copy.deepcopy(hf_config)
-    small["num_hidden_layers"] = len(layers)
+    text = text_part(small)
+    text["num_hidden_layers"] = len(layers)
     types = getattr(reference_config, "layer_types", None)
     if types is not None:
-        small["layer_types"] = [types[i] for i in layers]
-    window = small.get("sliding_window")
+        text["layer_types"] = [types[i] for i in layers]
+    window = text.get("sliding_window")
     if isinstance(window, int) and window > VERIFY_WINDOW:
-        small["sliding_window"] = VERIFY_WINDOW
+        text["sliding_window"] = VERIFY_WINDOW
     renumber = {old: new for new, old in enumerate(layers)}
     kept = {}
     for key, tensor in tensors.items():
         match = _LAYER_KEY.match(key)
-        if match is None:
+        if match is None or "vision_tower" in key:
             kept[key] = tensor
         elif int(match.group(2)) in renumber:
             kept[f"{match.group(1)}{renumber[int(match.group(2))]}{match.group(3)}"] = tensor
     return small, kept
 
 
+def _reference_from_folder(cls, hf_config: dict, tensors: dict[str, torch.Tensor]):
+    """``cls.from_pretrained`` of the checkpoint written to a temporary folder: transformers maps
+    a multimodal checkpoint's saved key names to its modules itself."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(hf_config))
+        save_file(
+            {k: v.float().contiguous() for k, v in tensors.items()}, f"{tmp}/model.safetensors"
+        )
+        model, info = cls.from_pretrained(
+            tmp, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        )
+    if info["missing_keys"]:
+        raise TeacherError(
+            f"transformers' {cls.__name__} expects weights the checkpoint lacks, e.g. "
+            f"{', '.join(sorted(info['missing_keys'])[:5])}"
+        )
+    return model.eval()
+
+
 def reference_model(cls, hf_config: dict, tensors: dict[str, torch.Tensor]):
     """transformers' own model of ``hf_config`` holding ``tensors`` (float32, eager attention)."""
     from transformers.initialization import no_init_weights
 
+    if "text_config" in hf_config:
+        return _reference_from_folder(cls, hf_config, tensors)
     config = cls.config_class.from_dict(copy.deepcopy(hf_config))
     config._attn_implementation = "eager"
     with no_init_weights():  # every weight is loaded next: skip the random initialisation
@@ -115,6 +154,23 @@ def reference_model(cls, hf_config: dict, tensors: dict[str, torch.Tensor]):
             f"{', '.join(missing[:5])}"
         )
     return model
+
+
+def check_inputs(hf_config: dict, converted_config) -> dict[str, torch.Tensor]:
+    """Random token ids (and, for LLaVA, one random image per row with its image tokens after
+    the first token) that both forwards take."""
+    g = torch.Generator().manual_seed(0)
+    front = converted_config.front_end
+    images = int(front.get("num_image_token", 0)) if front.get("type") == "llava" else 0
+    vocab = text_part(hf_config)["vocab_size"]
+    ids = torch.randint(0, vocab, (2, VERIFY_LENGTH + images), generator=g)
+    if not images:
+        return {"input_ids": ids}
+    image_token = front["image_token_id"]
+    ids[ids == image_token] = (image_token + 1) % vocab
+    ids[:, 1 : 1 + images] = image_token
+    size = int(hf_config["vision_config"]["image_size"])
+    return {"input_ids": ids, "pixel_values": torch.randn(2, 3, size, size, generator=g)}
 
 
 def first_difference(ours, theirs, layers: list[int], tol: float) -> tuple[str, float] | None:
@@ -173,12 +229,11 @@ def verify_conversion(
             )
     layers = chosen_layers(windows)
     small_config, small_tensors = truncated_checkpoint(hf_config, tensors, layers, reference_config)
-    ids = torch.randint(
-        0, hf_config["vocab_size"], (2, VERIFY_LENGTH), generator=torch.Generator().manual_seed(0)
-    )
+    inputs = check_inputs(hf_config, converted_config)
     with torch.no_grad():
-        mine = convert(small_config, small_tensors).float()(ids, output_hidden_states=True)
-        theirs = reference_model(cls, small_config, small_tensors)(ids, output_hidden_states=True)
+        mine = convert(small_config, small_tensors).float()(**inputs, output_hidden_states=True)
+        reference = reference_model(cls, small_config, small_tensors)
+        theirs = reference(**inputs, output_hidden_states=True)
     found = first_difference(mine, theirs, layers, tol)
     diff = (mine.logits - theirs.logits).abs().max().item()
     if found is not None:
@@ -191,7 +246,7 @@ def verify_conversion(
     return {
         "reference": f"transformers {transformers.__version__} {cls.__name__}",
         "layers": layers,
-        "tokens": VERIFY_LENGTH,
+        "tokens": inputs["input_ids"].shape[1],
         "max_abs_diff": diff,
         "seconds": round(time.perf_counter() - start, 2),
     }
