@@ -17,6 +17,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from .errors import CheckpointError
 from .files import TOKENIZER_FILES, atomic_directory, save_sharded
 from .image_vocab import LAYOUT_TOKENS
@@ -36,6 +38,14 @@ def config_document(model) -> dict:
     return {"model_type": MODEL_TYPE, "architectures": ["DecoderLM"], **data}
 
 
+def state_to_save(state: dict[str, torch.Tensor], config: LMConfig) -> dict[str, torch.Tensor]:
+    """A model's tensors as written to disk: a head tied to the token embeddings is left out
+    (safetensors refuses two names for one tensor; loading ties it again)."""
+    if config.tie_word_embeddings:
+        return {k: v for k, v in state.items() if k != "lm_head.weight"}
+    return dict(state)
+
+
 def save_pretrained(
     model,
     directory: str | Path,
@@ -51,9 +61,7 @@ def save_pretrained(
         The directory.
     """
     directory = Path(directory)
-    state = {k: v for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    state = state_to_save(model.state_dict(), model.config)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_sharded(state, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config_document(model), indent=2))

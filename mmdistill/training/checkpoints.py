@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import config_document
+from ..checkpoint import config_document, state_to_save
 from ..files import atomic_directory, atomic_write_text, save_sharded
 from ..model import DecoderLM
 from .deepspeed_engine import gather_weights
@@ -129,7 +129,8 @@ def save_checkpoint(
             engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
         torch.save(rng_state(), tmp / f"rng-{procs.rank}.pt")
         if procs.is_main:
-            save_sharded(_float32(weights if weights is not None else student.state_dict()), tmp)
+            state = weights if weights is not None else student.state_dict()
+            save_sharded(_float32(state_to_save(state, student.config)), tmp)
             (tmp / "config.json").write_text(json.dumps(config_document(student), indent=2))
             if stage is not None and engine is None:
                 optimizer = stage.optimizer.state_dict()
