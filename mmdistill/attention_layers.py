@@ -6,10 +6,43 @@ its 24 LLM layers):
 * ``none``     -- every attention layer becomes a Mamba-2 mixer (linear student; default);
 * ``all``      -- nothing converted (the student equals the teacher);
 * ``every:K``  -- keep layers 0, K, 2K, ... (mmMamba-hybrid is ``every:4`` over 32 layers);
-* ``0,5,9``    -- an explicit comma list.
+* ``0,5,9``    -- an explicit comma list;
+* ``auto:K`` / ``auto:P%`` -- the K layers (or P% of them, rounded, at least one) that close
+  most of the gap to the teacher when restored alone (:mod:`mmdistill.layer_scores`); these
+  need a measurement, so :func:`parse_attention_layers` refuses them and
+  :func:`auto_budget` reads them.
 """
 
 from __future__ import annotations
+
+
+def auto_budget(spec, num_layers: int) -> int | None:
+    """The number of layers an ``auto:K`` / ``auto:P%`` spec keeps, or None for other specs.
+
+    Raises:
+        ValueError: K outside ``1..num_layers``, P outside ``(0, 100]``, or not a number.
+    """
+    if not isinstance(spec, str) or not spec.strip().lower().startswith("auto:"):
+        return None
+    value = spec.strip().lower().split(":", 1)[1].strip()
+    try:
+        if value.endswith("%"):
+            percent = float(value[:-1])
+            if not 0 < percent <= 100:
+                raise ValueError
+            return max(1, round(num_layers * percent / 100))
+        budget = int(value)
+    except ValueError:
+        raise ValueError(
+            f"attention layers spec {spec!r}: auto needs a layer count (auto:8) or a "
+            "percentage in (0, 100] (auto:25%)"
+        ) from None
+    if not 1 <= budget <= num_layers:
+        raise ValueError(
+            f"attention layers spec {spec!r}: auto:K needs 1 <= K <= {num_layers} (the model's "
+            "layers); 'none' keeps no attention, 'all' every layer"
+        )
+    return budget
 
 
 def parse_attention_layers(spec: str | list[int] | tuple[int, ...], num_layers: int) -> list[int]:
@@ -26,6 +59,12 @@ def parse_attention_layers(spec: str | list[int] | tuple[int, ...], num_layers: 
             return []
         if text == "all":
             return list(range(num_layers))
+        if text.startswith("auto:"):
+            auto_budget(text, num_layers)  # a malformed budget says so first
+            raise ValueError(
+                f"attention layers spec {spec!r} picks layers by measurement: use it in a recipe "
+                "(scored after the layer-wise stages) or run 'mmdistill layout' first"
+            )
         if text.startswith("every:"):
             try:
                 step = int(text.split(":", 1)[1])

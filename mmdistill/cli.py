@@ -19,6 +19,7 @@ from .commands import (
     eval_cmd,
     export_cmd,
     generate_cmd,
+    layout_cmd,
     run_cmd,
     seed_cmd,
 )
@@ -49,7 +50,16 @@ def _root(
         raise typer.Exit()
 
 
-for _module in (seed_cmd, run_cmd, eval_cmd, export_cmd, generate_cmd, bench_cmd, demo_cmd):
+for _module in (
+    seed_cmd,
+    run_cmd,
+    eval_cmd,
+    export_cmd,
+    generate_cmd,
+    bench_cmd,
+    demo_cmd,
+    layout_cmd,
+):
     _module.register(app)
 
 

@@ -31,6 +31,8 @@ class LMConfig:
         image_vocab: the image vocabulary for text-to-image generation
             (:class:`~mmdistill.image_vocab.ImageVocabSpec` as a dict), or ``None``.
         lora: the task adapters (:class:`~mmdistill.task_lora.LoraSpec` as a dict), or ``None``.
+        layout: how ``auto:K`` chose the attention layers (the spec, the chosen layers, every
+            layer's score: :mod:`mmdistill.layer_scores`), or ``None``.
         version: the mmdistill version that wrote the config.
     """
 
@@ -50,6 +52,7 @@ class LMConfig:
     teacher: dict = field(default_factory=dict)
     image_vocab: dict | None = None
     lora: dict | None = None
+    layout: dict | None = None
     version: str = ""
 
     def __post_init__(self) -> None:

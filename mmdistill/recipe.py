@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from .attention_layers import parse_attention_layers
+from .attention_layers import auto_budget, parse_attention_layers
 from .errors import RecipeError
 from .gates import Gate, parse_gates
 from .mixer import TEACHER_FIELDS, MixerConfig
@@ -51,8 +51,13 @@ class StudentSpec(_Strict):
     """Which layers keep attention and how the Mamba-2 mixers are configured.
 
     Attributes:
-        attention_layers: ``none`` | ``all`` | ``every:K`` | a comma list or a list of indices
-            over the flat decoder stack (see :mod:`mmdistill.attention_layers`).
+        attention_layers: ``none`` | ``all`` | ``every:K`` | ``auto:K`` | ``auto:P%`` | a comma
+            list or a list of indices over the flat decoder stack (see
+            :mod:`mmdistill.attention_layers`). ``auto`` trains a linear student through the
+            layer-wise stages, then keeps the layers that close most of the gap to the teacher
+            (:mod:`mmdistill.layer_scores`), restored from the teacher, for the other stages.
+        layout_batches: calibration batches (the first stage's batch size, ``data.eval``'s
+            sources, else ``data.train``'s) on which ``auto`` scores the layers.
         mixer: :class:`~mmdistill.mixer.MixerConfig` options (``conv_kernel``, ``gate_order``,
             ``use_D``, ``backend``, ``chunk_size``, ...); sizes come from the teacher.
         seed: RNG seed of the new SSM parameters.
@@ -61,6 +66,7 @@ class StudentSpec(_Strict):
     attention_layers: str | list[int] = "none"
     mixer: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
+    layout_batches: int = Field(8, ge=1)
 
     @field_validator("attention_layers", mode="before")
     @classmethod
@@ -78,7 +84,8 @@ class StudentSpec(_Strict):
         # Syntax only (the layer count comes with the teacher); every:K is checked on one layer
         # so that no range of 2**30 indices is built.
         every = isinstance(value, str) and value.strip().lower().startswith("every:")
-        parse_attention_layers(value, 1 if every else 1 << 30)
+        if auto_budget(value, 1 << 30) is None:
+            parse_attention_layers(value, 1 if every else 1 << 30)
         return value
 
     @field_validator("mixer")

@@ -32,7 +32,7 @@ from dataclasses import asdict
 import torch
 from rich.console import Console
 
-from .attention_layers import parse_attention_layers
+from .attention_layers import auto_budget, parse_attention_layers
 from .data.loader import shapes_dataset
 from .data.text import DataContext
 from .errors import DataError, MmdistillError, RecipeError
@@ -44,6 +44,7 @@ from .seeding import seed
 from .teachers import load_teacher, teacher_config
 from .training.checkpoints import CHECKPOINTS, remove_partial_checkpoints, save_checkpoint
 from .training.deepspeed_engine import wrap_teacher, zero_stage
+from .training.layout import choose_layout, layout_due
 from .training.loop import run_stage
 from .training.metrics import MetricsLog
 from .training.omni_data import image_tokenizer_for, load_omni_data, prepare_student
@@ -106,6 +107,8 @@ def distill(
         runner = wrap_teacher(runner, recipe, zero, procs.world)
     try:
         for index in range(point.first_stage if point else 0, len(recipe.stages)):
+            if layout_due(run, student, index):
+                student = choose_layout(run, teacher, student, index)
             if recipe.stages[index].tasks:
                 run.omni = run.omni or load_omni_data(run)
                 student = prepare_student(run, student)
@@ -121,6 +124,8 @@ def distill(
                 f"{report.final_loss:.5g} in {report.steps} steps, "
                 f"{report.tokens:,} tokens, {report.seconds:.1f} s"
             )
+        if layout_due(run, student, None):
+            student = choose_layout(run, teacher, student, None)
     except MmdistillError as exc:  # e.g. a full disk: say what is done
         exc.completed = exc.completed or run.completed()
         raise
@@ -136,11 +141,19 @@ def check_layout(recipe: Recipe) -> None:
     Raises:
         RecipeError: an index outside the teacher's layers.
     """
+    spec = recipe.student.attention_layers
+    auto = auto_budget(spec, 1 << 30) is not None  # the syntax was checked with the recipe
+    if auto and (recipe.teacher is None or recipe.student_dir is not None):
+        raise RecipeError(
+            f"student.attention_layers: {spec} seeds a linear student from the teacher and "
+            "restores layers from it: give a teacher and no student_dir"
+        )
     if recipe.teacher is None:
         return
     layers = teacher_config(recipe.teacher).num_layers
     try:
-        parse_attention_layers(recipe.student.attention_layers, layers)
+        if auto_budget(spec, layers) is None:
+            parse_attention_layers(spec, layers)
     except ValueError as exc:
         raise RecipeError(f"student.attention_layers: {exc}") from exc
 
@@ -153,9 +166,10 @@ def _load_models(recipe: Recipe, device: torch.device) -> tuple[DecoderLM | None
     teacher = load_teacher(
         recipe.teacher, dtype=recipe.resolved_teacher_dtype, verify=recipe.verify_teacher
     )
+    spec = recipe.student.attention_layers
     student = seed(
         teacher,
-        attention_layers=recipe.student.attention_layers,
+        attention_layers="none" if auto_budget(spec, teacher.config.num_layers) else spec,
         mixer=recipe.student.mixer,
         seed=recipe.student.seed,
     )
@@ -206,6 +220,7 @@ def _write_student(run: Run, student: DecoderLM, started: float) -> dict:
         "processes": run.procs.world,
         "deepspeed": run.recipe.distributed.deepspeed,
         "stages": run.history,
+        "layout": student.config.layout,
         "seconds": round(time.perf_counter() - started, 3),
     }
     if run.procs.is_main:

@@ -8,8 +8,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..attention_layers import auto_budget
 from ..checkpoint import check_replaceable
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataError, RecipeError
+from ..evaluation import tokenizer_for
+from ..evaluation.layout import seed_by_measurement
 from ..export import export_verdict
 from ..seeding import count_parameters
 from ..seeding import seed as seed_fn
@@ -27,7 +30,11 @@ def seed_command(
         "none",
         "--attention-layers",
         "-a",
-        help="Layers that keep attention: none | all | every:K | comma list (indices over the whole decoder stack).",
+        help="Layers that keep attention: none | all | every:K | auto:K | auto:P% | comma list "
+        "(indices over the whole decoder stack; auto needs --data).",
+    ),
+    data: list[Path] = typer.Option(
+        [], "--data", "-d", help="auto:K only: calibration .txt/.jsonl files to score layers on."
     ),
     dtype: str = typer.Option("float32", help="Weights dtype: float32 | bfloat16 | float16."),
     conv_kernel: int = typer.Option(2, help="Mixer causal conv width (mmMamba: 2)."),
@@ -57,13 +64,20 @@ def seed_command(
     start = time.perf_counter()
     with err.status(f"loading teacher {teacher}"):
         model = load_teacher(teacher, dtype=dtype, verify=verify)
-    with err.status("seeding mixers"):
-        student = seed_fn(
-            model,
-            attention_layers=attention_layers,
-            seed=seed,
-            mixer={"conv_kernel": conv_kernel, "gate_order": gate_order},
-        )
+    mixer = {"conv_kernel": conv_kernel, "gate_order": gate_order}
+    try:
+        auto = auto_budget(attention_layers, model.config.num_layers) is not None
+    except ValueError as exc:
+        raise RecipeError(f"--attention-layers: {exc}") from exc
+    if auto and not data:
+        raise DataError(f"--attention-layers {attention_layers} scores the layers: give --data")
+    with err.status("scoring layers" if auto else "seeding mixers"):
+        if auto:
+            student = seed_by_measurement(
+                model, attention_layers, data, tokenizer_for(model), mixer, seed
+            )
+        else:
+            student = seed_fn(model, attention_layers=attention_layers, seed=seed, mixer=mixer)
     with err.status(f"writing {out}"):
         student.save_pretrained(out, overwrite=force)
     seconds = time.perf_counter() - start

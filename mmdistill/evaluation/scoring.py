@@ -17,7 +17,7 @@ from ..model import DecoderLM
 from .documents import ScoredSequence
 
 
-def _batch_inputs(
+def batch_inputs(
     batch: Sequence[ScoredSequence], pad_id: int, model_config
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Right-padded ``ids [b, l]``, ``targets [b, l]`` and the batch's image tiles."""
@@ -70,7 +70,7 @@ def score_sequences(
     sums = {name: TokenSums() for name in students}
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start : start + batch_size]
-        ids, targets, pixel_values = _batch_inputs(batch, pad_id, teacher.config)
+        ids, targets, pixel_values = batch_inputs(batch, pad_id, teacher.config)
         labels = ids[:, 1:][targets[:, 1:]]
         reference = _scored_logits(teacher, ids, targets, pixel_values)
         teacher_sums.add(score_tokens(reference, labels))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ..attention_layers import auto_budget
 from ..checkpoint import read_student_config
 from ..recipe import Recipe
 from ..seeding import planned_config
@@ -20,10 +21,17 @@ def planned_export(recipe: Recipe) -> dict:
         MmdistillError: the teacher's config cannot be read (e.g. a hub id offline).
     """
     if recipe.student_dir is not None:
-        config = read_student_config(Path(recipe.student_dir))
+        configs = [read_student_config(Path(recipe.student_dir))]
     else:
-        spec = recipe.student
-        config = planned_config(teacher_config(recipe.teacher), spec.attention_layers, spec.mixer)
-    if any(stage.tasks for stage in recipe.stages) and config.image_vocab is None:
-        config = replace(config, image_vocab={"added by": "the recipe's task stages"})
-    return export_verdict(config)
+        spec, teacher = recipe.student, teacher_config(recipe.teacher)
+        layouts = [spec.attention_layers]
+        if auto_budget(spec.attention_layers, teacher.num_layers) is not None:
+            layouts = ["none", "all"]  # any layer may keep attention: what blocks either
+        configs = [planned_config(teacher, layout, spec.mixer) for layout in layouts]
+    if any(stage.tasks for stage in recipe.stages) and configs[0].image_vocab is None:
+        configs = [
+            replace(c, image_vocab={"added by": "the recipe's task stages"}) for c in configs
+        ]
+    verdicts = [export_verdict(config) for config in configs]
+    reasons = list(dict.fromkeys(r for v in verdicts for r in v["reasons"]))
+    return {**verdicts[0], "exportable": not reasons, "reasons": reasons}

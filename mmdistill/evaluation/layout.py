@@ -1,0 +1,96 @@
+"""``mmdistill layout``: every layer's score for ``--attention-layers auto:K`` on data files.
+
+The same measurement a recipe's ``auto:K`` makes (:mod:`mmdistill.layer_scores`), on
+``.txt`` / ``.jsonl`` files read as ``mmdistill eval`` reads them (KL at the positions that
+predict scored tokens). The linear student is ``student_dir`` if given: use one trained
+through the layer-wise stages (e.g. the stage-2 checkpoint of a ``none`` run), which is what
+a recipe scores. Otherwise it is the linear student seeded from the teacher without
+training, a cheaper and rougher ranking.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from ..attention_layers import auto_budget
+from ..errors import DataError
+from ..layer_scores import score_layers, with_attention
+from ..model import DecoderLM
+from ..seeding import seed
+from .prepare import prepare_file
+from .scoring import batch_inputs
+
+
+def _batches(teacher: DecoderLM, sequences, batch_size: int, pad_id: int):
+    for start in range(0, len(sequences), batch_size):
+        ids, targets, pixel_values = batch_inputs(
+            sequences[start : start + batch_size], pad_id, teacher.config
+        )
+        scored = torch.zeros_like(targets)
+        scored[:, :-1] = targets[:, 1:]  # the position that predicts each scored token
+        yield ids, pixel_values, scored
+
+
+def measure_layout(
+    teacher: DecoderLM,
+    files: Sequence[str | Path],
+    tokenizer,
+    student: DecoderLM | None = None,
+    budget: int | None = None,
+    max_tokens: int | None = 8192,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """``{"scores", "chosen", "budget", "student", "tokens", "seconds"}`` (module docstring).
+
+    Raises:
+        DataError: no files, or nothing to score in them.
+        ValueError: ``student`` keeps attention somewhere (it must be linear).
+    """
+    if not files:
+        raise DataError("no data files to score the layers on")
+    start = time.perf_counter()
+    linear = student if student is not None else seed(teacher, attention_layers="none").float()
+    sequences = []
+    for path in files:
+        sequences += prepare_file(path, teacher, tokenizer, seq_len, max_tokens).sequences
+    if not sequences:
+        raise DataError(f"nothing to score in {', '.join(map(str, files))}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = score_layers(teacher, linear, list(_batches(teacher, sequences, batch_size, pad)))
+    return {
+        "scores": scores.to_dict(),
+        "budget": budget,
+        "chosen": scores.choose(budget) if budget else None,
+        "student": "given" if student is not None else "seeded linear (untrained)",
+        "tokens": scores.tokens,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def seed_by_measurement(
+    teacher: DecoderLM,
+    spec: str,
+    files: Sequence[str | Path],
+    tokenizer,
+    mixer: dict | None = None,
+    seed_value: int = 0,
+) -> DecoderLM:
+    """``seed(teacher, spec)`` for an ``auto:K`` spec: the seeded linear student scored on
+    ``files`` (untrained, so a rougher ranking than a recipe's), its best K layers restored.
+
+    Raises:
+        DataError: no calibration files.
+        ValueError: an impossible budget.
+    """
+    budget = auto_budget(spec, teacher.config.num_layers)
+    linear = seed(teacher, attention_layers="none", mixer=mixer, seed=seed_value)
+    result = measure_layout(teacher, files, tokenizer, linear, budget)
+    layout = {"spec": spec, "budget": budget, "chosen": result["chosen"], "before_stage": None}
+    layout |= {"scores": result["scores"], "student": result["student"]}
+    return with_attention(linear, teacher, result["chosen"], layout)

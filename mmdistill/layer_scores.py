@@ -1,0 +1,130 @@
+"""Which layers should keep attention, by measurement (``--attention-layers auto:K``).
+
+Start from a linear student (every layer Mamba-2, ideally after the layer-wise stages, which
+train every mixer to imitate its attention). For each layer ``i``, restore that one layer
+exactly from the teacher (its attention, norms and MLP) and measure KL(teacher || student) on
+calibration tokens. A layer's **gain** is the linear student's KL minus the KL with it
+restored: how much of the gap to the teacher that layer's attention closes on its own. The
+``auto:K`` layout keeps the K layers of largest gain (ties: the lower index). This is the
+KL-guided selection of fla-org/hybrid-distillation, applied to Mamba-2 students.
+
+Cost: one teacher forward and ``1 + L`` student forwards per batch, but the layers before
+``i`` are shared. Restoring layer ``i`` reruns only layers ``i..L-1``, from the residual stream
+the linear student's forward already computed, so the restored passes cost about ``L / 2``
+forwards.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from .metrics import token_kl
+from .model import DecoderLM, build_from_state_dict
+
+Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
+"""``(input ids [b, l], pixel values or None, scored positions [b, l] bool)``."""
+
+
+@dataclass
+class LayerScores:
+    """KL per scored token of the linear student and with each layer restored."""
+
+    linear_kl: float
+    restored_kl: list[float]
+    tokens: int
+
+    @property
+    def gains(self) -> list[float]:
+        return [self.linear_kl - kl for kl in self.restored_kl]
+
+    def ranking(self) -> list[int]:
+        """Layers by gain, largest first (ties: lower index first)."""
+        gains = self.gains
+        return sorted(range(len(gains)), key=lambda i: (-gains[i], i))
+
+    def choose(self, budget: int) -> list[int]:
+        """The ``budget`` layers of largest gain, in layer order."""
+        return sorted(self.ranking()[:budget])
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "gains": self.gains, "ranking": self.ranking()}
+
+
+@contextmanager
+def restored(student: DecoderLM, teacher: DecoderLM, layer: int):
+    """``student`` with layer ``layer`` replaced by a copy of the teacher's (in the student's
+    dtype), put back afterwards."""
+    kept = student.layers[layer]
+    weight = next(kept.parameters())
+    student.layers[layer] = copy.deepcopy(teacher.layers[layer]).to(weight.device, weight.dtype)
+    try:
+        yield student
+    finally:
+        student.layers[layer] = kept
+
+
+def _kl_sum(logits: torch.Tensor, reference: torch.Tensor, scored: torch.Tensor) -> float:
+    return float(token_kl(logits[scored], reference[scored]).sum())
+
+
+@torch.no_grad()
+def score_layers(
+    teacher: DecoderLM,
+    student: DecoderLM,
+    batches: Iterable[Batch],
+    progress: Callable[[int], None] | None = None,
+) -> LayerScores:
+    """Score every layer of the linear ``student`` (module docstring).
+
+    Args:
+        teacher: the teacher the student was seeded from.
+        student: a student whose layers are all Mamba-2.
+        batches: calibration batches (:data:`Batch`); positions where ``scored`` is True are
+            the positions whose next-token distributions are compared.
+        progress: called with the number of batches done after each batch.
+    """
+    if "attention" in student.config.layer_types:
+        raise ValueError("score_layers needs a linear student (attention_layers none)")
+    layers = len(student.layers)
+    linear, restored_sums, tokens = 0.0, [0.0] * layers, 0
+    student.eval()
+    for done, (ids, pixel_values, scored) in enumerate(batches, 1):
+        ids, scored = ids.to(student.device), scored.to(student.device)
+        pv = pixel_values.to(student.device) if pixel_values is not None else None
+        reference = teacher(ids.to(teacher.device), pixel_values=pv).logits.to(student.device)
+        out = student(ids, pixel_values=pv, output_hidden_states=True)
+        linear += _kl_sum(out.logits, reference, scored)
+        for i in range(layers):
+            with restored(student, teacher, i):
+                rest = student(inputs_embeds=out.hidden_states[i], layer_range=(i, layers))
+            restored_sums[i] += _kl_sum(rest.logits, reference, scored)
+        tokens += int(scored.sum())
+        if progress is not None:
+            progress(done)
+    if tokens == 0:
+        raise ValueError("no scored tokens in the calibration batches")
+    return LayerScores(linear / tokens, [s / tokens for s in restored_sums], tokens)
+
+
+def with_attention(
+    student: DecoderLM, teacher: DecoderLM, layers: list[int], layout: dict | None = None
+) -> DecoderLM:
+    """The linear ``student`` with ``layers`` restored exactly from the teacher (attention,
+    norms and MLP): a hybrid in the student's dtype and device, ``layout`` in its config."""
+    types = ["attention" if i in layers else t for i, t in enumerate(student.config.layer_types)]
+    config = replace(copy.deepcopy(student.config), layer_types=types, layout=layout)
+    with torch.device("meta"):
+        keys = list(DecoderLM(config).state_dict())
+    mine, theirs = student.state_dict(), teacher.state_dict()
+    restored_prefixes = tuple(f"layers.{i}." for i in layers)
+    state = {
+        k: (theirs if k.startswith(restored_prefixes) else mine)[k].detach().cpu().clone()
+        for k in keys
+    }
+    weight = next(student.parameters())
+    return build_from_state_dict(config, state, weight.dtype).to(weight.device)

@@ -1,0 +1,220 @@
+"""Per-layer scores for ``--attention-layers auto:K``: each restored layer's KL equals the KL of a
+hybrid built explicitly with that one attention layer; budgets parse or fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmdistill
+from mmdistill.attention_layers import auto_budget, parse_attention_layers
+from mmdistill.layer_scores import score_layers
+from mmdistill.metrics import token_kl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def batches(vocab: int, n: int = 2):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (2, 24), generator=g)
+        scored = torch.ones(2, 24, dtype=torch.bool)
+        scored[1, 20:] = False  # padding-like positions are not scored
+        out.append((ids, None, scored))
+    return out
+
+
+@pytest.fixture(scope="module")
+def linear(llama_teacher):
+    """A linear student whose MLPs differ from the teacher's (as after end-to-end training)."""
+    student = mmdistill.seed(llama_teacher, attention_layers="none").float()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if ".mlp." in name or ".mixer." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return student.eval()
+
+
+def explicit_hybrid(teacher, linear, layer: int):
+    """Layer ``layer`` from the teacher, everything else from the linear student."""
+    hybrid = mmdistill.seed(teacher, attention_layers=str(layer)).float()
+    state = hybrid.state_dict()
+    mine = linear.state_dict()
+    for key in state:
+        if not key.startswith(f"layers.{layer}."):
+            state[key] = mine[key]
+    hybrid.load_state_dict(state)
+    return hybrid.eval()
+
+
+def test_each_restored_layer_equals_an_explicit_hybrid(llama_teacher, linear):
+    data = batches(llama_teacher.config.vocab_size)
+    scores = score_layers(llama_teacher, linear, data)
+    assert scores.tokens == 2 * (48 - 4)
+    for layer in range(len(linear.layers)):
+        model = explicit_hybrid(llama_teacher, linear, layer)
+        total = 0.0
+        with torch.no_grad():
+            for ids, _, scored in data:
+                kl = token_kl(model(ids).logits[scored], llama_teacher(ids).logits[scored])
+                total += float(kl.sum())
+        assert scores.restored_kl[layer] == pytest.approx(total / scores.tokens, rel=1e-4)
+    assert scores.gains == pytest.approx([scores.linear_kl - k for k in scores.restored_kl])
+    assert score_layers(llama_teacher, linear, data).to_dict() == scores.to_dict()
+    assert linear.config.layer_types == ["mamba"] * 4  # the student is left as it was
+
+
+def test_choose_takes_the_largest_gains_in_layer_order():
+    from mmdistill.layer_scores import LayerScores
+
+    scores = LayerScores(1.0, [0.9, 0.5, 0.95, 0.5], 10)
+    assert scores.ranking() == [1, 3, 0, 2]
+    assert scores.choose(2) == [1, 3]
+    assert scores.choose(3) == [0, 1, 3]
+
+
+@pytest.mark.parametrize(
+    "spec,budget", [("auto:2", 2), ("auto:50%", 2), ("auto:10%", 1), ("AUTO:4", 4)]
+)
+def test_auto_budgets(spec, budget):
+    assert auto_budget(spec, 4) == budget
+
+
+@pytest.mark.parametrize("spec", ["auto:0", "auto:5", "auto:-10%", "auto:0%", "auto:x", "auto:"])
+def test_impossible_budgets_are_one_clear_error(spec):
+    with pytest.raises(ValueError, match="auto"):
+        auto_budget(spec, 4)
+
+
+def test_auto_needs_a_measurement_to_become_layers():
+    assert auto_budget("every:2", 4) is None
+    with pytest.raises(ValueError, match="picks layers by measurement"):
+        parse_attention_layers("auto:2", 4)
+
+
+def auto_recipe(out, cache, *overrides):
+    from mmdistill.recipe import load_recipe
+
+    return load_recipe(
+        ROOT / "recipes" / "tiny.yaml",
+        [
+            f"output_dir={out}",
+            f"data.cache_dir={cache}",
+            "data.shapes={n_train: 32, n_eval: 8, text_lines: 100}",
+            "logging.progress=false",
+            "student.attention_layers=auto:2",
+            "student.layout_batches=2",
+            "stages.0.steps=3",
+            "stages.1.steps=2",
+            "stages.2.steps=3",
+            "checkpoint={every: 1, keep: 20}",
+            *overrides,
+        ],
+    )
+
+
+def test_a_run_with_auto_scores_after_the_layerwise_stages_and_resumes(tmp_path):
+    from mmdistill.files import read_safetensors
+    from mmdistill.trainer import distill
+    from mmdistill.training.checkpoints import CHECKPOINTS, list_checkpoints
+
+    recipe = auto_recipe(tmp_path / "run", tmp_path / "cache")
+    report = distill(recipe)
+    layout = report["layout"]
+    assert layout["spec"] == "auto:2" and layout["before_stage"] == "stage3-end-to-end"
+    assert layout["chosen"] == sorted(layout["scores"]["ranking"][:2])
+    student = mmdistill.load_student(report["student_dir"])
+    kept = [i for i, t in enumerate(student.config.layer_types) if t == "attention"]
+    assert kept == layout["chosen"] and student.config.layout == layout
+    # The layer-wise stages trained a linear student; the last stage trained the hybrid.
+    checkpoints = list_checkpoints(tmp_path / "run" / CHECKPOINTS)
+    stage2_end = [c for c in checkpoints if "stage2" in c.name][-1]
+    assert "attention" not in mmdistill.load_student(stage2_end).config.layer_types
+
+    first = read_safetensors(report["student_dir"])
+    for at in [(1, 1), (2, 2)]:  # before the choice (it is made again) and after it
+
+        def stop(record, at=at):
+            if (record["stage_index"], record["step"]) == at:
+                raise KeyboardInterrupt
+
+        again = tmp_path / f"again-{at[0]}"
+        with pytest.raises(KeyboardInterrupt):
+            distill(auto_recipe(again, tmp_path / "cache"), callbacks=[stop])
+        resumed = distill(auto_recipe(again, tmp_path / "cache"), resume=True)
+        assert resumed["layout"] == layout
+        second = read_safetensors(resumed["student_dir"])
+        for key in first:
+            torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, msg=key)
+
+
+def test_auto_needs_a_teacher_to_restore_from(tmp_path):
+    from mmdistill.errors import RecipeError
+    from mmdistill.trainer import check_layout
+
+    recipe = auto_recipe(tmp_path / "run", tmp_path / "cache", "student.attention_layers=auto:99")
+    with pytest.raises(RecipeError, match="auto:K needs 1 <= K <="):
+        check_layout(recipe)
+
+
+def test_cli_layout_ranks_plots_and_refuses_impossible_budgets(
+    chat_llama, tmp_path, monkeypatch, capfd
+):
+    import json
+    import sys
+
+    from mmdistill.cli import main
+
+    directory, _, _ = chat_llama
+    text = tmp_path / "calibration.txt"
+    text.write_text("".join(f"The {i} cats sat on the mat, and it rained.\n" for i in range(40)))
+
+    def cli(*args):
+        monkeypatch.setattr(sys, "argv", ["mmdistill", "layout", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        out, err = capfd.readouterr()
+        return code, out, " ".join(err.split())
+
+    base = ["--teacher", str(directory), "--data", str(text), "--max-tokens", "256"]
+    plot = tmp_path / "gain.png"
+    code, out, err = cli(*base, "--budget", "2", "--plot", str(plot), "--json", "--device", "cpu")
+    result = json.loads(out)
+    assert code == 0 and len(result["chosen"]) == 2 and plot.stat().st_size > 0
+    assert result["chosen"] == sorted(result["scores"]["ranking"][:2])
+    assert "layers by gain" in err and result["student"].startswith("seeded")
+    code, _, err = cli(*base, "--budget", "9")
+    assert code == 2 and "auto:K needs 1 <= K <= 4" in err
+    code, _, err = cli(*base, "--budget", "0%")
+    assert code == 2 and "percentage in (0, 100]" in err
+
+
+def test_seed_auto_scores_the_seeded_student_on_data(chat_llama, tmp_path, monkeypatch, capfd):
+    import json
+    import sys
+
+    from mmdistill.cli import main
+
+    directory, _, _ = chat_llama
+    text = tmp_path / "calibration.txt"
+    text.write_text("".join(f"The {i} dogs ran home before the storm.\n" for i in range(40)))
+    args = ["mmdistill", "seed", "--teacher", str(directory), "-a", "auto:50%", "--json"]
+    monkeypatch.setattr(sys, "argv", [*args, "--out", str(tmp_path / "s"), "--data", str(text)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+    report = json.loads(capfd.readouterr().out)
+    student = mmdistill.load_student(tmp_path / "s")
+    assert report["attention_layers"] == student.config.layout["chosen"]
+    assert len(report["attention_layers"]) == 2
+    monkeypatch.setattr(sys, "argv", [*args, "--out", str(tmp_path / "t")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2 and "give --data" in capfd.readouterr().err
