@@ -218,3 +218,19 @@ def test_seed_auto_scores_the_seeded_student_on_data(chat_llama, tmp_path, monke
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 2 and "give --data" in capfd.readouterr().err
+
+
+def test_validate_checks_an_auto_budget_against_the_teacher(monkeypatch, capfd):
+    import sys
+
+    from mmdistill.cli import main
+
+    recipe = str(ROOT / "recipes" / "tiny.yaml")
+    for spec, code in [("auto:99", 2), ("auto:50%", 0)]:
+        argv = ["mmdistill", "validate", recipe, f"student.attention_layers={spec}"]
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exc:
+            main()
+        err = " ".join(capfd.readouterr().err.split())
+        assert (exc.value.code or 0) == code, err
+        assert ("auto:K needs 1 <= K <=" in err) == (code == 2)

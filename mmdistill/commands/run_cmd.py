@@ -18,7 +18,7 @@ from ..errors import MmdistillError
 from ..evaluation.gates import check_run_gates
 from ..export.plan import planned_export
 from ..recipe import load_recipe
-from ..trainer import distill
+from ..trainer import check_layout, distill
 from .options import GATE_HELP, gate_options
 from .output import emit_json, err, export_summary, finish_report, stdout_to_stderr
 
@@ -93,6 +93,8 @@ def validate_command(
 ) -> None:
     """Check a recipe without loading anything; missing data files are reported as warnings."""
     loaded = load_recipe(recipe, overrides or [])
+    if _reads_teacher_config(loaded):
+        check_layout(loaded)  # layer indices and auto budgets against the teacher's config
     table = Table(title=f"{recipe}: valid", show_header=False)
     if loaded.student_dir is not None:
         table.add_row("student", f"from {loaded.student_dir}")
@@ -124,12 +126,15 @@ def validate_command(
         emit_json(loaded.model_dump(mode="json"))
 
 
+def _reads_teacher_config(recipe) -> bool:
+    """Whether the teacher's config.json is here to read (built-in or a local path)."""
+    teacher = recipe.teacher or ""
+    return recipe.student_dir is None and (teacher.startswith("builtin:") or Path(teacher).exists())
+
+
 def _planned_export(recipe) -> str:
     """Whether the recipe's student will export, or why that is not known yet."""
-    teacher = recipe.teacher or ""
-    if recipe.student_dir is None and not (
-        teacher.startswith("builtin:") or Path(teacher).exists()
-    ):
+    if recipe.student_dir is None and not _reads_teacher_config(recipe):
         return "checked when the teacher loads (not a local folder)"
     try:
         return export_summary(planned_export(recipe))

@@ -25,7 +25,7 @@ def planned_export(recipe: Recipe) -> dict:
     else:
         spec, teacher = recipe.student, teacher_config(recipe.teacher)
         layouts = [spec.attention_layers]
-        if auto_budget(spec.attention_layers, teacher.num_layers) is not None:
+        if auto_budget(spec.attention_layers, 1 << 30) is not None:  # its K: check_layout
             layouts = ["none", "all"]  # any layer may keep attention: what blocks either
         configs = [planned_config(teacher, layout, spec.mixer) for layout in layouts]
     if any(stage.tasks for stage in recipe.stages) and configs[0].image_vocab is None:

@@ -12,6 +12,8 @@ it reads it from the checkpoint.
 
 from __future__ import annotations
 
+import time
+
 from ..attention_layers import auto_budget
 from ..data.loader import make_iterator
 from ..layer_scores import score_layers, with_attention
@@ -57,6 +59,7 @@ def choose_layout(run: Run, teacher: DecoderLM, student: DecoderLM, index: int |
     """The hybrid the auto spec picks from the linear ``student`` (module docstring)."""
     spec = run.recipe.student.attention_layers
     budget = auto_budget(spec, student.config.num_layers)
+    start = time.perf_counter()
     batches = calibration_batches(run)
     run.log(f"{spec}: scoring {len(student.layers)} layers on {len(batches)} calibration batches")
     scores = score_layers(teacher, student, batches)
@@ -68,6 +71,7 @@ def choose_layout(run: Run, teacher: DecoderLM, student: DecoderLM, index: int |
         "chosen": chosen,
         "before_stage": before,
         "scores": scores.to_dict(),
+        "seconds": round(time.perf_counter() - start, 2),
     }
     run.log(
         f"{spec}: attention kept in layers {chosen} (KL {scores.linear_kl:.4g} linear; "
