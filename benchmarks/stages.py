@@ -13,9 +13,14 @@ float32 master weights with bf16 autocast) on text batches of ``--seq`` tokens:
   ``2N`` + student forward and backward ``6N``) against ``--peak`` FLOP/s (989e12: H100/H200 dense
   bf16), with ``N`` the student's parameters less the input embedding table (a lookup).
 
+With ``--score-layers N`` (a linear student), also the cost of ``auto:K``'s measurement
+(:func:`mmdistill.layer_scores.score_layers`, as a run calls it, in the student's float32) on
+N calibration batches of the same shape, and that cost in stage-3 steps.
+
 Usage::
 
     python benchmarks/stages.py --out bench.json            # on a GPU
+    python benchmarks/stages.py --score-layers 8 --out bench.json
     python benchmarks/stages.py --small --seq 64 --steps 1  # a smoke run on the CPU
 """
 
@@ -109,6 +114,40 @@ def time_stage(
     }
 
 
+def time_scoring(teacher: DecoderLM, student: DecoderLM, args, stages: dict) -> dict:
+    """Seconds of ``score_layers`` on ``args.score_layers`` batches, and in stage-3 steps."""
+    from mmdistill.layer_scores import score_layers
+
+    device = teacher.device
+    g = torch.Generator(device="cpu").manual_seed(1)
+    shape = (args.batch, args.seq)
+    batches = [
+        (torch.randint(0, teacher.config.vocab_size - 8, shape, generator=g), None, None)
+        for _ in range(args.score_layers)
+    ]
+    batches = [
+        (ids.to(device), None, torch.ones_like(ids, dtype=torch.bool)) for ids, _, _ in batches
+    ]
+    student.eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    start = time.perf_counter()
+    score_layers(teacher, student, batches)
+    sync(device)
+    seconds = time.perf_counter() - start
+    step = stages["stage3"]["seconds_per_step"]
+    return {
+        "batches": args.score_layers,
+        "seconds": seconds,
+        "seconds_per_batch": seconds / args.score_layers,
+        "stage3_steps_equivalent": seconds / step,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30
+        if device.type == "cuda"
+        else None,
+    }
+
+
 def run_with_fallback(*args) -> dict:
     """Time a stage; if it runs out of GPU memory, again with gradient checkpointing."""
     try:
@@ -127,6 +166,7 @@ def main() -> None:
     parser.add_argument(
         "--layout", default="none", help="student attention layers (every:4 = hybrid)"
     )
+    parser.add_argument("--score-layers", type=int, default=0, help="time auto:K on N batches")
     parser.add_argument("--peak", type=float, default=989e12, help="peak bf16 FLOP/s for the MFU")
     parser.add_argument("--small", action="store_true", help="a tiny model (smoke test)")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -171,6 +211,9 @@ def main() -> None:
             stats["mfu"] = flops / args.peak
         result["stages"][name] = stats
         print(f"{name}: {json.dumps(stats)}", file=sys.stderr, flush=True)
+    if args.score_layers:
+        result["layout_scoring"] = time_scoring(teacher, student, args, result["stages"])
+        print(f"scoring: {json.dumps(result['layout_scoring'])}", file=sys.stderr, flush=True)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
