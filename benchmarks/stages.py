@@ -14,7 +14,8 @@ float32 master weights with bf16 autocast) on text batches of ``--seq`` tokens:
   bf16), with ``N`` the student's parameters less the input embedding table (a lookup).
 
 With ``--score-layers N`` (a linear student), also the cost of ``auto:K``'s measurement
-(:func:`mmdistill.layer_scores.score_layers`, as a run calls it, in the student's float32) on
+(:func:`mmdistill.layer_scores.score_layers`, as a ``precision: bf16`` run calls it: bf16
+autocast over the float32 student) on
 N calibration batches of the same shape, and that cost in stage-3 steps.
 
 Usage::
@@ -133,7 +134,8 @@ def time_scoring(teacher: DecoderLM, student: DecoderLM, args, stages: dict) -> 
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     start = time.perf_counter()
-    score_layers(teacher, student, batches)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        score_layers(teacher, student, batches)
     sync(device)
     seconds = time.perf_counter() - start
     step = stages["stage3"]["seconds_per_step"]

@@ -146,7 +146,8 @@ def test_a_run_with_auto_scores_after_the_layerwise_stages_and_resumes(tmp_path)
         with pytest.raises(KeyboardInterrupt):
             distill(auto_recipe(again, tmp_path / "cache"), callbacks=[stop])
         resumed = distill(auto_recipe(again, tmp_path / "cache"), resume=True)
-        assert resumed["layout"] == layout
+        timeless = {k: v for k, v in layout.items() if k != "seconds"}
+        assert {k: v for k, v in resumed["layout"].items() if k != "seconds"} == timeless
         second = read_safetensors(resumed["student_dir"])
         for key in first:
             torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, msg=key)

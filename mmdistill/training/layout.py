@@ -2,7 +2,8 @@
 
 The student is seeded linear and trained through the layer-wise stages. Before the first
 stage that is not layer-wise (or after the last stage, if every stage is), every layer is
-scored on calibration batches (:func:`~mmdistill.layer_scores.score_layers`). The K layers of
+scored on calibration batches (:func:`~mmdistill.layer_scores.score_layers`, under bf16
+autocast when the recipe's precision is bf16). The K layers of
 largest gain are restored from the teacher, and the hybrid trains on. The choice and every
 score go into the student's config (``layout``), the log and the run report. Calibration
 batches come from ``data.eval`` (else ``data.train``) in a fixed order, the same in every
@@ -13,6 +14,8 @@ it reads it from the checkpoint.
 from __future__ import annotations
 
 import time
+
+import torch
 
 from ..attention_layers import auto_budget
 from ..data.loader import make_iterator
@@ -62,7 +65,9 @@ def choose_layout(run: Run, teacher: DecoderLM, student: DecoderLM, index: int |
     start = time.perf_counter()
     batches = calibration_batches(run)
     run.log(f"{spec}: scoring {len(student.layers)} layers on {len(batches)} calibration batches")
-    scores = score_layers(teacher, student, batches)
+    bf16 = run.recipe.precision == "bf16"  # the training numerics (autocast over float32)
+    with torch.autocast(run.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
+        scores = score_layers(teacher, student, batches)
     chosen = scores.choose(budget)
     before = run.recipe.stages[index].name if index is not None else None
     layout = {
