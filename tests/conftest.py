@@ -28,6 +28,22 @@ def pytest_collection_modifyitems(config, items):
 ROOT_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
+def run_cli(monkeypatch, capfd, *args: str) -> tuple[int, str, str]:
+    """``mmdistill ARGS`` in this process: (exit code, stdout, stderr with whitespace folded)."""
+    import sys
+
+    from mmdistill.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mmdistill", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capfd.readouterr()
+    return code, out, " ".join(err.split())
+
+
 def tiny_hf_kwargs(**overrides) -> dict:
     kwargs = dict(
         vocab_size=101,

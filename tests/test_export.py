@@ -9,17 +9,15 @@ cannot hide behind seeding's zeros and ones.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_omni_student, write_hf_model
+from conftest import make_omni_student, run_cli, write_hf_model
 from safetensors import safe_open
 from test_teachers import llama_to_internlm2
 
 import mmdistill
-from mmdistill.cli import main
 from mmdistill.errors import CheckpointError
 from mmdistill.export import ExportError, check_export, export_student, load_export
 
@@ -140,15 +138,7 @@ def test_a_vision_student_is_refused_and_says_why(hovle, tmp_path):
         export_student(tmp_path / "student", tmp_path / "export")
 
 
-def cli(monkeypatch, capfd, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["mmdistill", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capfd.readouterr()
-    return code, out, " ".join(err.split())
+cli = run_cli
 
 
 def test_cli_export_check_json_force_and_a_failing_check(teachers, tmp_path, monkeypatch, capfd):

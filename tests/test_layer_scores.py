@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 import mmdistill
 from mmdistill.attention_layers import auto_budget, parse_attention_layers
@@ -166,23 +167,13 @@ def test_cli_layout_ranks_plots_and_refuses_impossible_budgets(
     chat_llama, tmp_path, monkeypatch, capfd
 ):
     import json
-    import sys
-
-    from mmdistill.cli import main
 
     directory, _, _ = chat_llama
     text = tmp_path / "calibration.txt"
     text.write_text("".join(f"The {i} cats sat on the mat, and it rained.\n" for i in range(40)))
 
     def cli(*args):
-        monkeypatch.setattr(sys, "argv", ["mmdistill", "layout", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-        out, err = capfd.readouterr()
-        return code, out, " ".join(err.split())
+        return run_cli(monkeypatch, capfd, "layout", *args)
 
     base = ["--teacher", str(directory), "--data", str(text), "--max-tokens", "256"]
     plot = tmp_path / "gain.png"
