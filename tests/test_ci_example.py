@@ -41,9 +41,12 @@ def test_the_ci_script_passes_the_run_gates_and_fails_a_deliberately_failing_eva
     assert done.returncode == GATES_FAILED, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert "convert: run exited 0" in done.stderr and "convert: eval exited 4" in done.stderr
+    # The tiny teacher's students have a vision front-end: no export, and the script says why.
+    assert "convert: export skipped: a vision front-end (hovle)" in done.stderr
 
     run = json.loads((out / "reports" / "run.json").read_text())
     assert run["status"] == "ok" and run["gates"]["passed"]
+    assert run["export"]["exportable"] is False
     assert [c["gate"] for c in run["gates"]["checks"]] == ["kl <= 0.05", "ppl_ratio <= 1.1"]
     student = out / "run" / "student"
     assert json.loads((student / "gates.json").read_text())["passed"] is True

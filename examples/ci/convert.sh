@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Convert a teacher into a Mamba-2 student in CI and decide, from exit codes and JSON reports,
-# whether it ships: run (seed -> distil -> the recipe's quality gates) then eval (the written
-# student against its teacher on the pipeline's own held-out file, with EVAL_GATES).
+# whether it ships: run (seed -> distil -> the recipe's quality gates), then export --check
+# (when the run report says the student exports: stock transformers must reproduce it), then
+# eval (the written student against its teacher on the pipeline's own held-out file, with
+# EVAL_GATES).
 #
 # Usage (from the repository root):
 #   examples/ci/convert.sh RECIPE OUT_DIR [key=value ...]
@@ -9,7 +11,8 @@
 #   MMDISTILL   the command to call (default: mmdistill)
 #   HELDOUT     held-out .txt/.jsonl file for the eval step (default: examples/ci/heldout.txt)
 #   EVAL_GATES  gates of the eval step, separated by spaces (default: "kl<=0.05 ppl_ratio<=1.1")
-# Writes OUT_DIR/run (the run: checkpoints, student/, report.json) and OUT_DIR/reports/{run,eval}.json.
+# Writes OUT_DIR/run (the run: checkpoints, student/, report.json), OUT_DIR/export (when it
+# exports) and OUT_DIR/reports/{run,export,eval}.json.
 # Exits with the first failing step's mmdistill exit code (docs: exit codes): 0 the student
 # passed every gate, 2 bad input, 3 training stopped, 4 a quality gate failed (the student is
 # written, marked failing in its gates.json), 5 out of disk or memory.
@@ -33,8 +36,22 @@ if [[ $code -ne 0 ]]; then
   exit "$code"
 fi
 
-teacher=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["teacher"])' \
-  "$out/reports/run.json") || exit 2
+field() {  # field KEY: the run report's value (stdlib Python only)
+  python3 -c 'import json, sys; print(eval("r" + sys.argv[2], {"r": json.load(open(sys.argv[1]))}))' \
+    "$out/reports/run.json" "$1"
+}
+teacher=$(field '["teacher"]') || exit 2
+if [[ $(field '["export"]["exportable"]') == True ]]; then
+  "${mmdistill[@]}" export --student "$out/run/student" --out "$out/export" --force --check \
+    --json > "$out/reports/export.json"
+  code=$?
+  echo "convert: export --check exited $code (report: $out/reports/export.json)" >&2
+  if [[ $code -ne 0 ]]; then
+    exit "$code"
+  fi
+else
+  echo "convert: export skipped: $(field '"; ".join(r["export"]["reasons"])')" >&2
+fi
 gate_args=()
 for gate in "${eval_gates[@]}"; do
   gate_args+=(--gate "$gate")

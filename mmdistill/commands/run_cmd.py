@@ -14,8 +14,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..checkpoint import read_student_config
 from ..errors import MmdistillError
 from ..evaluation.gates import check_run_gates
+from ..export import export_verdict
 from ..export.plan import planned_export
 from ..recipe import load_recipe
 from ..trainer import check_layout, distill
@@ -48,6 +50,7 @@ def run_command(
     if not state.is_main_process:
         return
     print_run_table(report)
+    report["export"] = export_verdict(read_student_config(Path(report["student_dir"])))
     with stdout_to_stderr():
         report = check_run_gates(loaded, report, device=str(state.device))
     finish_report(report, as_json, f"the student is written to {report['student_dir']}")
