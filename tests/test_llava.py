@@ -165,3 +165,14 @@ def test_a_hybrid_distils_on_image_conversations_and_answers(llava, tmp_path):
     with torch.no_grad():  # the cache gives what recomputing the whole sequence gives
         logits = student(cached, pixel_values=pixels).logits[0, prompt.shape[1] - 1 : -1]
     assert torch.equal(logits.argmax(-1), new)
+
+
+def test_internvl_is_refused_with_its_reason(tmp_path):
+    import json
+
+    from mmdistill.errors import TeacherError
+
+    config = {"architectures": ["InternVLForConditionalGeneration"], "model_type": "internvl"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TeacherError, match="tiles each image into crops"):
+        mmdistill.load_teacher(str(tmp_path))
