@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from ..checkpoint import read_student_config
-from ..errors import MmdistillError
+from ..errors import MmdistillError, RecipeError
 from ..evaluation.gates import check_run_gates
 from ..export import export_verdict
 from ..export.plan import planned_export
@@ -97,7 +97,10 @@ def validate_command(
     """Check a recipe without loading anything; missing data files are reported as warnings."""
     loaded = load_recipe(recipe, overrides or [])
     if _reads_teacher_config(loaded):
-        check_layout(loaded)  # layer indices and auto budgets against the teacher's config
+        try:  # layer indices and auto budgets against the teacher's config
+            check_layout(loaded)
+        except RecipeError as exc:
+            raise RecipeError(str(exc), hint="fix the key named above and validate again") from exc
     table = Table(title=f"{recipe}: valid", show_header=False)
     if loaded.student_dir is not None:
         table.add_row("student", f"from {loaded.student_dir}")
