@@ -119,13 +119,21 @@ def image_tokens_per_image(hf_config: dict) -> int:
 
 
 def _image_processor(front_end: dict):
-    """transformers' image processor saved with the checkpoint (its class and settings)."""
+    """transformers' image processor saved with the checkpoint (its class and settings). Without
+    torchvision, its PIL variant, which transformers would fall back to anyway (with a warning
+    on every call)."""
+    import importlib.util
+
     import transformers
 
     settings = dict(front_end["image_processor"])
-    name = settings.get("image_processor_type", "CLIPImageProcessor")
-    cls = getattr(transformers, name, None) or transformers.CLIPImageProcessor
-    return cls.from_dict(settings)
+    name = settings.get("image_processor_type", "CLIPImageProcessor").removesuffix("Fast")
+    pil = getattr(transformers, f"{name}Pil", None)
+    if pil is not None and importlib.util.find_spec("torchvision") is None:
+        return pil.from_dict(settings)
+    return (getattr(transformers, name, None) or transformers.CLIPImageProcessor).from_dict(
+        settings
+    )
 
 
 def prepare_images(config, images: list) -> tuple[torch.Tensor | None, list[int]]:
