@@ -107,15 +107,23 @@ def seed_in_subprocess(teacher_dir: Path, layout: str, out: Path) -> dict:
 
 
 def distill_layouts(
-    teacher_dir: Path, train: Path, work: Path, jobs: int, overrides: list[str]
+    teacher_dir: Path,
+    train: Path,
+    work: Path,
+    jobs: int,
+    overrides: list[str],
+    layouts: list[str],
+    suffix: str = "",
 ) -> dict[str, Path]:
-    """Run ``mmdistill run`` on :data:`RECIPE` for each layout (``jobs`` at a time).
+    """Run ``mmdistill run`` on :data:`RECIPE` for each layout (``jobs`` at a time), into
+    ``work/distilled-LAYOUT{suffix}``.
 
     Returns:
         layout -> finished student directory. Exits with the log's tail when a run fails.
     """
-    outs = {layout: work / f"distilled-{layout.replace(':', '')}" for layout in LAYOUTS}
-    pending = [layout for layout in LAYOUTS if not (outs[layout] / "report.json").exists()]
+    name = lambda layout: layout.replace(":", "").replace("%", "pc")  # noqa: E731
+    outs = {layout: work / f"distilled-{name(layout)}{suffix}" for layout in layouts}
+    pending = [layout for layout in layouts if not (outs[layout] / "report.json").exists()]
     running: list[tuple[str, subprocess.Popen, Path]] = []
 
     def start(layout: str) -> None:
@@ -217,7 +225,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="evaluation device: cpu, cuda, ...")
     parser.add_argument(
-        "--distill", action="store_true", help="distil every:2 and none with recipe.yaml"
+        "--distill", action="store_true", help="distil the --layouts with recipe.yaml"
+    )
+    parser.add_argument(
+        "--layouts",
+        default=",".join(LAYOUTS),
+        help="student layouts, comma-separated (auto:K too: scored after the layer-wise stages)",
+    )
+    parser.add_argument(
+        "--suffix", default="", help="appended to the distilled folders' names (--suffix=-s1)"
     )
     parser.add_argument("--jobs", type=int, default=1, help="distillation runs at once")
     parser.add_argument(
@@ -264,9 +280,12 @@ def main() -> None:
     kjv = write_kjv_split(work / "kjv")
     print(f"teacher: {teacher_dir}; held-out text: {kjv['heldout']}", file=sys.stderr)
 
+    layouts = [layout.strip() for layout in args.layouts.split(",") if layout.strip()]
     results["seeding"] = []
     students = {}
-    for layout in LAYOUTS:
+    for layout in layouts:
+        if layout.startswith("auto:"):
+            continue  # chosen during distillation, after the layer-wise stages
         out = work / f"seeded-{layout.replace(':', '')}"
         report = seed_in_subprocess(teacher_dir, layout, out)
         print(f"seeded {layout}: {report}", file=sys.stderr)
@@ -276,14 +295,18 @@ def main() -> None:
     distilled = dict(item.partition("=")[::2] for item in args.distilled)
     if args.distill:
         distill_start = time.perf_counter()
-        done = distill_layouts(teacher_dir, kjv["train"], work, args.jobs, args.override)
+        done = distill_layouts(
+            teacher_dir, kjv["train"], work, args.jobs, args.override, layouts, args.suffix
+        )
         results["distill_s"] = round(time.perf_counter() - distill_start, 1)
         results["distill_jobs"] = args.jobs
         results["distill_reports"] = {}
         for layout, directory in done.items():
-            distilled[layout] = str(directory)
+            distilled[f"{layout}{args.suffix}"] = str(directory)
             report = json.loads((directory.parent / "report.json").read_text())
             results["distill_reports"][layout] = report["stages"]
+            if report.get("layout"):  # auto:K: the layers it chose and every score
+                results.setdefault("layouts", {})[layout] = report["layout"]
     for label, directory in distilled.items():
         students[f"distilled {label}"] = mmdistill.load_student(directory, device=args.device)
 
