@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .bench_reference import measure_reference
 from .generation import prefill
 from .graph_decode import GraphDecoder
 from .model import DecoderLM, LMCache
@@ -85,6 +86,8 @@ class Candidate:
         cuda_graph: decode by replaying a captured CUDA graph (with attention layers: only with
             a static KV cache).
         compile: ``torch.compile`` the decode step before capturing it.
+        backend: ``"mmdistill"`` (our model) or ``"transformers"`` (transformers' own class,
+            :mod:`mmdistill.bench_reference`; eager, one-pass prefill).
     """
 
     name: str
@@ -94,8 +97,11 @@ class Candidate:
     prefill_chunk: int | None = None
     cuda_graph: bool = False
     compile: bool = False
+    backend: str = "mmdistill"
 
     def __post_init__(self) -> None:
+        if self.backend == "transformers":
+            return
         attention = any(t != "mamba" for t in self.model.config.layer_types)
         if self.cuda_graph and attention and self.kv_cache != "static":
             raise ValueError(
@@ -106,7 +112,11 @@ class Candidate:
     def describe(self) -> dict:
         """JSON description of the candidate (no weights)."""
         model = self.model
-        types = model.config.layer_types
+        if self.backend == "transformers":
+            layers = model.config.num_hidden_layers
+            types = ["attention"] * layers
+        else:
+            types = model.config.layer_types
         return {
             "name": self.name,
             "role": self.role,
@@ -118,6 +128,8 @@ class Candidate:
             "prefill_chunk": self.prefill_chunk,
             "cuda_graph": self.cuda_graph,
             "compile": self.compile,
+            "backend": self.backend,
+            "class": type(model).__name__,
         }
 
 
@@ -147,8 +159,11 @@ def candidates_for(
     students: list[tuple[str, DecoderLM]],
     options: RowOptions,
     note: Callable[[str], None] | None = None,
+    reference=None,
 ) -> list[Candidate]:
-    """The rows of a run: the teacher's (unless ``None``), then each student's.
+    """The rows of a run: the teacher's (unless ``None``), then transformers' own model of it
+    (``reference``, :mod:`mmdistill.bench_reference`: growing and, with ``static_cache``,
+    static KV cache), then each student's.
 
     A model with attention layers gets a row with the standard growing KV cache (as its users
     run it) and, with ``static_cache``, one with a preallocated cache, eager and (with
@@ -182,6 +197,11 @@ def candidates_for(
     rows = []
     if teacher is not None:
         rows += attention_rows("teacher", "teacher", teacher, options.teacher_chunk)
+    if reference is not None:
+        kinds = ["growing", "static"] if options.static_cache else ["growing"]
+        for kind in kinds:
+            label = "teacher (transformers" + (", static KV)" if kind == "static" else ")")
+            rows.append(Candidate(label, "teacher", reference, kind, backend="transformers"))
     for name, model in students:
         if any(t != "mamba" for t in model.config.layer_types):
             rows += attention_rows(name, "student", model, options.hybrid_chunk)
@@ -285,6 +305,9 @@ def measure(
     """
     model = candidate.model
     n = settings.decode_tokens
+    if candidate.backend == "transformers":
+        static = candidate.kv_cache == "static"
+        return measure_reference(model, candidate.name, length, batch, n, settings.seed, static)
     rows = min(settings.prefill_batch or batch, batch)
     generator = torch.Generator().manual_seed(settings.seed + length)
     ids = torch.randint(0, model.config.vocab_size, (rows, length), generator=generator)
@@ -380,7 +403,8 @@ def run_bench(
         model = candidate.model
         if offload and model.device != device:
             model.to(device)
-        _pack(model)
+        if candidate.backend == "mmdistill":
+            _pack(model)
         for batch in settings.batches:
             graph = None
             failed: list[int] = []

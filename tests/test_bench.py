@@ -185,6 +185,8 @@ def test_cli_bench_json_and_plot(llama_dir, tmp_path):
     assert names == [
         "teacher",
         "teacher (static KV)",
+        "teacher (transformers)",
+        "teacher (transformers, static KV)",
         "student",
         "student (static KV)",
         "seeded:none",
@@ -223,7 +225,12 @@ def test_cli_bench_teacher_alone_and_nothing_to_measure(llama_dir, monkeypatch, 
     result = CliRunner().invoke(app, [*args, "--dtype", "float32", "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert [m["name"] for m in doc["models"]] == ["teacher", "teacher (static KV)"]
+    assert [m["name"] for m in doc["models"]] == [
+        "teacher",
+        "teacher (static KV)",
+        "teacher (transformers)",
+        "teacher (transformers, static KV)",
+    ]
     assert doc["ratios"] == [] and {r["status"] for r in doc["results"]} == {"ok"}
     code, err = cli(monkeypatch, capfd, *args, "--skip-teacher")
     assert code == 2 and "nothing to measure" in err and "Traceback" not in err

@@ -11,7 +11,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .. import bench, bench_t2i
+from .. import bench, bench_reference, bench_t2i
 from ..bench import format_bytes, format_ms, human_count
 from ..errors import MmdistillError
 from ..model import load_student
@@ -106,6 +106,12 @@ def bench_command(
         help="t2i: stop doubling the batch once images/s rises by less than this fraction.",
     ),
     skip_teacher: bool = typer.Option(False, "--skip-teacher", help="Measure students only."),
+    transformers_teacher: bool = typer.Option(
+        True,
+        "--transformers-teacher/--no-transformers-teacher",
+        help="Text: also run the teacher as users do, through transformers' own class (a "
+        "random shape: the LlamaForCausalLM of its sizes), growing and static KV cache.",
+    ),
     device: str = typer.Option("auto", help="cuda, cpu or auto."),
     dtype: str = typer.Option("bfloat16", help=DTYPE_HELP),
     seed: int = typer.Option(0, help="Seed for random weights and prompts."),
@@ -163,7 +169,16 @@ def bench_command(
             prefill_batch=prefill_batch,
             seed=seed,
         )
-        document = _run_text(teacher_row, students, options, settings, dev)
+        reference = None
+        if teacher_row is not None and transformers_teacher:
+            with err.status("building transformers' model of the teacher"):
+                where = "cpu" if dev.type == "cuda" else dev  # waits there, as the others
+                reference = bench_reference.reference_model(
+                    teacher_model, where, getattr(torch, dtype)
+                )
+            if reference is None:
+                err.print("no transformers row: transformers has no text class for this teacher")
+        document = _run_text(teacher_row, students, options, settings, dev, reference)
     document["teacher"] = label
     document["dtype"] = dtype
     if task == "t2i":
@@ -246,8 +261,8 @@ def _seeded_name(spec: str, task: str) -> str:
     return "linear" if spec == "none" else f"hybrid {spec}"
 
 
-def _run_text(teacher, students, options, settings, dev) -> dict:
-    candidates = bench.candidates_for(teacher, students, options, note=err.print)
+def _run_text(teacher, students, options, settings, dev, reference=None) -> dict:
+    candidates = bench.candidates_for(teacher, students, options, err.print, reference)
     with err.status("benchmarking") as status:
         return bench.run_bench(
             candidates, settings, dev, offload=dev.type == "cuda", progress=status.update
