@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_reference import measure_reference
+from .bench_reference import build_on, measure_reference
 from .generation import prefill
 from .graph_decode import GraphDecoder
 from .model import DecoderLM, LMCache
@@ -57,16 +57,7 @@ def random_model(
         raise ValueError(f"unknown random shape {shape!r}; known: {', '.join(sorted(SHAPES))}")
     config = text_config(SHAPES[shape])
     device = torch.device(device)
-    devices = [device] if device.type == "cuda" else []
-    previous = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = DecoderLM(config)
-        finally:
-            torch.set_default_dtype(previous)
+    model = build_on(lambda: DecoderLM(config), device, dtype, seed)
     for rotary in model.rotary:  # RoPE frequencies stay float32
         rotary.inv_freq = rotary._inv_freq(rotary.config.rope_theta).to(device)
     model.requires_grad_(False)
@@ -307,7 +298,8 @@ def measure(
     n = settings.decode_tokens
     if candidate.backend == "transformers":
         static = candidate.kv_cache == "static"
-        return measure_reference(model, candidate.name, length, batch, n, settings.seed, static)
+        timings = measure_reference(model, length, batch, n, settings.seed, static)
+        return _row(candidate.name, length, batch, batch, n, *timings, None)
     rows = min(settings.prefill_batch or batch, batch)
     generator = torch.Generator().manual_seed(settings.seed + length)
     ids = torch.randint(0, model.config.vocab_size, (rows, length), generator=generator)
@@ -355,9 +347,13 @@ def measure(
             tokens = logits[:, -1].argmax(-1)
         decode_ms = timer.stop_ms()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    cache_bytes = cache.nbytes()
+    return _row(candidate.name, length, batch, rows, n, prefill_ms, decode_ms, peak, cache.nbytes())
+
+
+def _row(name, length, batch, rows, n, prefill_ms, decode_ms, peak, cache_bytes) -> dict:
+    """One result row (schema in docs/benchmarks.md)."""
     return {
-        "model": candidate.name,
+        "model": name,
         "length": length,
         "batch": batch,
         "prefill_batch": rows,

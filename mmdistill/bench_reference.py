@@ -6,8 +6,8 @@ transformers has a class for, that class loaded from the folder. For a random sh
 vocabulary and random weights. HoVLE-2.6B's decoder is Llama-shaped apart from an L2
 normalisation between its two stacks. Anything else gets no row (``None``).
 :func:`measure_reference` prefills and decodes it as users do, with transformers' default
-growing ``DynamicCache`` or a ``StaticCache`` sized to the request, and returns a row shaped like
-:func:`mmdistill.bench.measure`'s.
+growing ``DynamicCache`` or a ``StaticCache`` sized to the request, and returns its timings for
+:func:`mmdistill.bench.measure`'s row.
 """
 
 from __future__ import annotations
@@ -45,14 +45,23 @@ def reference_model(teacher: DecoderLM, device, dtype: torch.dtype):
         rope_theta=stack.rope_theta,
         max_position_embeddings=1 << 21,
     )
+    return build_on(lambda: LlamaForCausalLM(config), device, dtype, seed=0).eval()
+
+
+def build_on(factory, device, dtype: torch.dtype, seed: int):
+    """``factory()`` with its tensors created on ``device`` in ``dtype`` (no copies, no
+    float32 detour), under a forked RNG seeded with ``seed``."""
+    device = torch.device(device)
+    devices = [device] if device.type == "cuda" else []
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return factory()
+        finally:
+            torch.set_default_dtype(previous)
 
 
 def _cache_keyword(model) -> str:
@@ -62,9 +71,10 @@ def _cache_keyword(model) -> str:
 
 @torch.no_grad()
 def measure_reference(
-    model, name: str, length: int, batch: int, decode_tokens: int, seed: int, static: bool
-) -> dict:
-    """Prefill ``length`` random tokens at ``batch`` rows, then ``decode_tokens`` greedy steps."""
+    model, length: int, batch: int, decode_tokens: int, seed: int, static: bool
+) -> tuple[float, float, int | None]:
+    """Prefill ``length`` random tokens at ``batch`` rows, then ``decode_tokens`` greedy steps:
+    ``(prefill ms, decode ms, peak CUDA memory or None)``."""
     from transformers import DynamicCache, StaticCache
 
     device = model.device
@@ -89,16 +99,4 @@ def measure_reference(
         tokens = out.logits[:, -1].argmax(-1)
     decode_ms = timer.stop_ms()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    n = decode_tokens
-    return {
-        "model": name,
-        "length": length,
-        "batch": batch,
-        "prefill_batch": batch,
-        "status": "ok",
-        "prefill_ms": prefill_ms,
-        "decode_ms_per_token": decode_ms / n if n else None,
-        "decode_tokens_per_s": batch * n / (decode_ms / 1e3) if n and decode_ms > 0 else None,
-        "peak_memory_bytes": peak,
-        "cache_bytes": None,
-    }
+    return prefill_ms, decode_ms, peak
