@@ -16,13 +16,18 @@ its 24 LLM layers):
 from __future__ import annotations
 
 
+def is_auto(spec) -> bool:
+    """Whether ``spec`` is an ``auto:K`` / ``auto:P%`` spec (chosen by measurement)."""
+    return isinstance(spec, str) and spec.strip().lower().startswith("auto:")
+
+
 def auto_budget(spec, num_layers: int) -> int | None:
     """The number of layers an ``auto:K`` / ``auto:P%`` spec keeps, or None for other specs.
 
     Raises:
         ValueError: K outside ``1..num_layers``, P outside ``(0, 100]``, or not a number.
     """
-    if not isinstance(spec, str) or not spec.strip().lower().startswith("auto:"):
+    if not is_auto(spec):
         return None
     value = spec.strip().lower().split(":", 1)[1].strip()
     try:
@@ -59,7 +64,7 @@ def parse_attention_layers(spec: str | list[int] | tuple[int, ...], num_layers: 
             return []
         if text == "all":
             return list(range(num_layers))
-        if text.startswith("auto:"):
+        if is_auto(text):
             auto_budget(text, num_layers)  # a malformed budget says so first
             raise ValueError(
                 f"attention layers spec {spec!r} picks layers by measurement: use it in a recipe "

@@ -54,14 +54,22 @@ class LayerScores:
     def to_dict(self) -> dict:
         return {**asdict(self), "gains": self.gains, "ranking": self.ranking()}
 
+    def layout(self, spec: str, budget: int, before_stage: str | None, **extra) -> dict:
+        """The record of an ``auto:K`` choice that a student's config keeps (``layout``)."""
+        chosen = self.choose(budget)
+        record = {"spec": spec, "budget": budget, "chosen": chosen, "before_stage": before_stage}
+        return {**record, "scores": self.to_dict(), **extra}
+
 
 @contextmanager
 def restored(student: DecoderLM, teacher: DecoderLM, layer: int):
-    """``student`` with layer ``layer`` replaced by a copy of the teacher's (in the student's
-    dtype), put back afterwards."""
-    kept = student.layers[layer]
-    weight = next(kept.parameters())
-    student.layers[layer] = copy.deepcopy(teacher.layers[layer]).to(weight.device, weight.dtype)
+    """``student`` with layer ``layer`` replaced by the teacher's (a copy in the student's dtype
+    and device when the teacher's differ), put back afterwards."""
+    kept, theirs = student.layers[layer], teacher.layers[layer]
+    weight, their_weight = next(kept.parameters()), next(theirs.parameters())
+    if (their_weight.device, their_weight.dtype) != (weight.device, weight.dtype):
+        theirs = copy.deepcopy(theirs).to(weight.device, weight.dtype)
+    student.layers[layer] = theirs
     try:
         yield student
     finally:

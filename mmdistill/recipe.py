@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from .attention_layers import auto_budget, parse_attention_layers
+from .attention_layers import auto_budget, is_auto, parse_attention_layers
 from .errors import RecipeError
 from .gates import Gate, parse_gates
 from .mixer import TEACHER_FIELDS, MixerConfig
@@ -84,7 +84,9 @@ class StudentSpec(_Strict):
         # Syntax only (the layer count comes with the teacher); every:K is checked on one layer
         # so that no range of 2**30 indices is built.
         every = isinstance(value, str) and value.strip().lower().startswith("every:")
-        if auto_budget(value, 1 << 30) is None:
+        if is_auto(value):
+            auto_budget(value, 1 << 30)
+        else:
             parse_attention_layers(value, 1 if every else 1 << 30)
         return value
 

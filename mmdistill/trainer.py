@@ -32,7 +32,7 @@ from dataclasses import asdict
 import torch
 from rich.console import Console
 
-from .attention_layers import auto_budget, parse_attention_layers
+from .attention_layers import auto_budget, is_auto, parse_attention_layers
 from .data.loader import shapes_dataset
 from .data.text import DataContext
 from .errors import DataError, MmdistillError, RecipeError
@@ -142,8 +142,7 @@ def check_layout(recipe: Recipe) -> None:
         RecipeError: an index outside the teacher's layers.
     """
     spec = recipe.student.attention_layers
-    auto = auto_budget(spec, 1 << 30) is not None  # the syntax was checked with the recipe
-    if auto and (recipe.teacher is None or recipe.student_dir is not None):
+    if is_auto(spec) and (recipe.teacher is None or recipe.student_dir is not None):
         raise RecipeError(
             f"student.attention_layers: {spec} seeds a linear student from the teacher and "
             "restores layers from it: give a teacher and no student_dir"
@@ -152,7 +151,9 @@ def check_layout(recipe: Recipe) -> None:
         return
     layers = teacher_config(recipe.teacher).num_layers
     try:
-        if auto_budget(spec, layers) is None:
+        if is_auto(spec):
+            auto_budget(spec, layers)
+        else:
             parse_attention_layers(spec, layers)
     except ValueError as exc:
         raise RecipeError(f"student.attention_layers: {exc}") from exc
@@ -169,7 +170,7 @@ def _load_models(recipe: Recipe, device: torch.device) -> tuple[DecoderLM | None
     spec = recipe.student.attention_layers
     student = seed(
         teacher,
-        attention_layers="none" if auto_budget(spec, teacher.config.num_layers) else spec,
+        attention_layers="none" if is_auto(spec) else spec,
         mixer=recipe.student.mixer,
         seed=recipe.student.seed,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..attention_layers import auto_budget
+from ..attention_layers import auto_budget, is_auto
 from ..checkpoint import check_replaceable
 from ..errors import CheckpointError, DataError, RecipeError
 from ..evaluation import tokenizer_for
@@ -65,8 +65,9 @@ def seed_command(
     with err.status(f"loading teacher {teacher}"):
         model = load_teacher(teacher, dtype=dtype, verify=verify)
     mixer = {"conv_kernel": conv_kernel, "gate_order": gate_order}
+    auto = is_auto(attention_layers)
     try:
-        auto = auto_budget(attention_layers, model.config.num_layers) is not None
+        auto_budget(attention_layers, model.config.num_layers)
     except ValueError as exc:
         raise RecipeError(f"--attention-layers: {exc}") from exc
     if auto and not data:

@@ -18,7 +18,7 @@ import torch
 
 from ..attention_layers import auto_budget
 from ..errors import DataError
-from ..layer_scores import score_layers, with_attention
+from ..layer_scores import LayerScores, score_layers, with_attention
 from ..model import DecoderLM
 from ..seeding import seed
 from .prepare import prepare_file
@@ -35,6 +35,34 @@ def _batches(teacher: DecoderLM, sequences, batch_size: int, pad_id: int):
         yield ids, pixel_values, scored
 
 
+def score_files(
+    teacher: DecoderLM,
+    linear: DecoderLM,
+    files: Sequence[str | Path],
+    tokenizer,
+    max_tokens: int | None = 8192,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> LayerScores:
+    """Every layer of the linear student scored on ``files`` (module docstring).
+
+    Raises:
+        DataError: no files, or nothing to score in them.
+        ValueError: ``linear`` keeps attention somewhere.
+    """
+    if not files:
+        raise DataError("no data files to score the layers on")
+    sequences = []
+    for path in files:
+        sequences += prepare_file(path, teacher, tokenizer, seq_len, max_tokens).sequences
+    if not sequences:
+        raise DataError(f"nothing to score in {', '.join(map(str, files))}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = _batches(teacher, sequences, batch_size, pad)
+    return score_layers(teacher, linear, batches, progress)
+
+
 def measure_layout(
     teacher: DecoderLM,
     files: Sequence[str | Path],
@@ -44,25 +72,12 @@ def measure_layout(
     max_tokens: int | None = 8192,
     seq_len: int = 512,
     batch_size: int = 4,
-    progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """``{"scores", "chosen", "budget", "student", "tokens", "seconds"}`` (module docstring).
-
-    Raises:
-        DataError: no files, or nothing to score in them.
-        ValueError: ``student`` keeps attention somewhere (it must be linear).
-    """
-    if not files:
-        raise DataError("no data files to score the layers on")
+    """``{"scores", "chosen", "budget", "student", "tokens", "seconds"}``: :func:`score_files`
+    for ``mmdistill layout``, on ``student`` or else the seeded linear student."""
     start = time.perf_counter()
     linear = student if student is not None else seed(teacher, attention_layers="none").float()
-    sequences = []
-    for path in files:
-        sequences += prepare_file(path, teacher, tokenizer, seq_len, max_tokens).sequences
-    if not sequences:
-        raise DataError(f"nothing to score in {', '.join(map(str, files))}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = score_layers(teacher, linear, list(_batches(teacher, sequences, batch_size, pad)))
+    scores = score_files(teacher, linear, files, tokenizer, max_tokens, seq_len, batch_size)
     return {
         "scores": scores.to_dict(),
         "budget": budget,
@@ -90,7 +105,6 @@ def seed_by_measurement(
     """
     budget = auto_budget(spec, teacher.config.num_layers)
     linear = seed(teacher, attention_layers="none", mixer=mixer, seed=seed_value)
-    result = measure_layout(teacher, files, tokenizer, linear, budget)
-    layout = {"spec": spec, "budget": budget, "chosen": result["chosen"], "before_stage": None}
-    layout |= {"scores": result["scores"], "student": result["student"]}
-    return with_attention(linear, teacher, result["chosen"], layout)
+    scores = score_files(teacher, linear, files, tokenizer)
+    layout = scores.layout(spec, budget, None, student="seeded linear (untrained)")
+    return with_attention(linear, teacher, layout["chosen"], layout)

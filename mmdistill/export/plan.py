@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from ..attention_layers import auto_budget
+from ..attention_layers import is_auto
 from ..checkpoint import read_student_config
 from ..recipe import Recipe
 from ..seeding import planned_config
@@ -25,7 +25,7 @@ def planned_export(recipe: Recipe) -> dict:
     else:
         spec, teacher = recipe.student, teacher_config(recipe.teacher)
         layouts = [spec.attention_layers]
-        if auto_budget(spec.attention_layers, 1 << 30) is not None:  # its K: check_layout
+        if is_auto(spec.attention_layers):
             layouts = ["none", "all"]  # any layer may keep attention: what blocks either
         configs = [planned_config(teacher, layout, spec.mixer) for layout in layouts]
     if any(stage.tasks for stage in recipe.stages) and configs[0].image_vocab is None:

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..attention_layers import auto_budget
+from ..attention_layers import auto_budget, is_auto
 from ..data.loader import make_iterator
 from ..layer_scores import score_layers, with_attention
 from ..model import DecoderLM
@@ -31,7 +31,7 @@ def layout_due(run: Run, student: DecoderLM, index: int | None) -> bool:
     """Whether the auto layout is chosen now: before stage ``index`` (``None``: after the
     last stage)."""
     spec = run.recipe.student.attention_layers
-    if student.config.layout is not None or auto_budget(spec, student.config.num_layers) is None:
+    if student.config.layout is not None or not is_auto(spec):
         return False
     if index is None:
         return True
@@ -68,16 +68,10 @@ def choose_layout(run: Run, teacher: DecoderLM, student: DecoderLM, index: int |
     bf16 = run.recipe.precision == "bf16"  # the training numerics (autocast over float32)
     with torch.autocast(run.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
         scores = score_layers(teacher, student, batches)
-    chosen = scores.choose(budget)
     before = run.recipe.stages[index].name if index is not None else None
-    layout = {
-        "spec": spec,
-        "budget": budget,
-        "chosen": chosen,
-        "before_stage": before,
-        "scores": scores.to_dict(),
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    seconds = round(time.perf_counter() - start, 2)
+    layout = scores.layout(spec, budget, before, seconds=seconds)
+    chosen = layout["chosen"]
     run.log(
         f"{spec}: attention kept in layers {chosen} (KL {scores.linear_kl:.4g} linear; "
         f"gains {', '.join(f'{scores.gains[i]:.3g}' for i in chosen)})"
