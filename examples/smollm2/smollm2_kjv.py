@@ -113,21 +113,27 @@ def distill_layouts(
     jobs: int,
     overrides: list[str],
     layouts: list[str],
-    suffix: str = "",
+    seeds: list[int],
 ) -> dict[str, Path]:
-    """Run ``mmdistill run`` on :data:`RECIPE` for each layout (``jobs`` at a time), into
-    ``work/distilled-LAYOUT{suffix}``.
+    """Run ``mmdistill run`` on :data:`RECIPE` for each layout and seed (``jobs`` at a time),
+    into ``work/distilled-LAYOUT`` (seed 0) or ``work/distilled-LAYOUT-sN`` (seed N: the
+    recipe's ``seed`` and ``student.seed`` set to N, the same data and token budget).
 
     Returns:
-        layout -> finished student directory. Exits with the log's tail when a run fails.
+        label (``LAYOUT`` or ``LAYOUT-sN``) -> finished student directory. Exits with the log's
+        tail when a run fails.
     """
     name = lambda layout: layout.replace(":", "").replace("%", "pc")  # noqa: E731
-    outs = {layout: work / f"distilled-{name(layout)}{suffix}" for layout in layouts}
-    pending = [layout for layout in layouts if not (outs[layout] / "report.json").exists()]
+    runs = {}
+    for seed in seeds:
+        suffix = f"-s{seed}" if seed else ""
+        for layout in layouts:
+            runs[f"{layout}{suffix}"] = (layout, seed, work / f"distilled-{name(layout)}{suffix}")
+    pending = [label for label, run in runs.items() if not (run[2] / "report.json").exists()]
     running: list[tuple[str, subprocess.Popen, Path]] = []
 
-    def start(layout: str) -> None:
-        out = outs[layout]
+    def start(label: str) -> None:
+        layout, seed, out = runs[label]
         log = out.with_suffix(".log")
         cmd = [sys.executable, "-m", "mmdistill.cli", "run", str(RECIPE)]
         cmd += [
@@ -137,23 +143,25 @@ def distill_layouts(
             f"output_dir={out}",
             *overrides,
         ]
+        if seed:
+            cmd += [f"seed={seed}", f"student.seed={seed}"]
         if (out / CHECKPOINTS).exists():
             cmd.append("--resume")  # an interrupted run: continue from its last checkpoint
-        print(f"distilling {layout}: {' '.join(cmd[1:])} (log: {log})", file=sys.stderr)
+        print(f"distilling {label}: {' '.join(cmd[1:])} (log: {log})", file=sys.stderr)
         running.append(
-            (layout, subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT), log)
+            (label, subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT), log)
         )
 
     while pending or running:
         while pending and len(running) < jobs:
             start(pending.pop(0))
-        layout, proc, log = running.pop(0)
+        label, proc, log = running.pop(0)
         if proc.wait() != 0:
             for _, other, _ in running:
                 other.terminate()
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            sys.exit(f"distilling {layout} failed (exit {proc.returncode}); end of {log}:\n{tail}")
-    return {layout: out / "student" for layout, out in outs.items()}
+            sys.exit(f"distilling {label} failed (exit {proc.returncode}); end of {log}:\n{tail}")
+    return {label: run[2] / "student" for label, run in runs.items()}
 
 
 def hardware() -> dict:
@@ -233,7 +241,10 @@ def main() -> None:
         help="student layouts, comma-separated (auto:K too: scored after the layer-wise stages)",
     )
     parser.add_argument(
-        "--suffix", default="", help="appended to the distilled folders' names (--suffix=-s1)"
+        "--seeds",
+        default="0",
+        help="distillation seeds, comma-separated (0,1: each layout twice; seed N's folders end "
+        "in -sN)",
     )
     parser.add_argument("--jobs", type=int, default=1, help="distillation runs at once")
     parser.add_argument(
@@ -281,6 +292,7 @@ def main() -> None:
     print(f"teacher: {teacher_dir}; held-out text: {kjv['heldout']}", file=sys.stderr)
 
     layouts = [layout.strip() for layout in args.layouts.split(",") if layout.strip()]
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     results["seeding"] = []
     students = {}
     for layout in layouts:
@@ -296,17 +308,17 @@ def main() -> None:
     if args.distill:
         distill_start = time.perf_counter()
         done = distill_layouts(
-            teacher_dir, kjv["train"], work, args.jobs, args.override, layouts, args.suffix
+            teacher_dir, kjv["train"], work, args.jobs, args.override, layouts, seeds
         )
         results["distill_s"] = round(time.perf_counter() - distill_start, 1)
         results["distill_jobs"] = args.jobs
         results["distill_reports"] = {}
-        for layout, directory in done.items():
-            distilled[f"{layout}{args.suffix}"] = str(directory)
+        for label, directory in done.items():
+            distilled[label] = str(directory)
             report = json.loads((directory.parent / "report.json").read_text())
-            results["distill_reports"][layout] = report["stages"]
+            results["distill_reports"][label] = report["stages"]
             if report.get("layout"):  # auto:K: the layers it chose and every score
-                results.setdefault("layouts", {})[layout] = report["layout"]
+                results.setdefault("layouts", {})[label] = report["layout"]
     for label, directory in distilled.items():
         students[f"distilled {label}"] = mmdistill.load_student(directory, device=args.device)
 

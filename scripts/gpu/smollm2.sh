@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct distilled into every:2 and none students on one GPU and evaluated in
 # float32 there (examples/smollm2/smollm2_kjv.py --distill --jobs 2 --device cuda).
-# The 98 MB GGUF is over a call's 64 MiB working-tree limit, so its two halves travel in two
-# calls to one warm machine (carry .carry/a, which also holds the KJV split, then .carry/b) and
-# wait in /tmp/smol; this script does nothing until both halves are there. mamba-ssm's kernels
+# The 98 MB GGUF is over a call's 64 MiB working-tree limit, so its two halves (xz-compressed:
+# `split -n 2 -d -a 2 FILE gguf.` then `xz gguf.0*`) travel in two back-to-back calls to one
+# warm machine (carry .carry/a, which also holds the KJV split, then .carry/b) and wait in
+# /tmp/smol; this script does nothing until both halves are there. The decompression needs no
+# xz binary (python's lzma); the GGUF reader needs the gguf wheel in .whl
+# (`pip download gguf --no-deps -d .whl`). mamba-ssm's kernels
 # run with MAMBA_DETERMINISTIC=1: one launch config each instead of a first-use autotune over
 # ~200 (minutes per kernel and shape), at some cost in speed.
 # Usage: bash scripts/gpu/smollm2.sh [extra smollm2_kjv.py args...]   (run it in both calls)
 # Writes $OUT/smollm2.log, results.json and the distillation logs.
 set -u
 mkdir -p /tmp/smol
-for half in .carry/a/gguf.00 .carry/b/gguf.01; do [ -f "$half" ] && cp "$half" /tmp/smol/; done
+for half in .carry/a/gguf.00.xz .carry/b/gguf.01.xz; do
+  [ -f "$half" ] && python3 -c 'import lzma, shutil, sys
+shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$half" "/tmp/smol/$(basename "$half" .xz)"
+done
 [ -f .carry/a/kjv.tgz ] && tar xzf .carry/a/kjv.tgz -C /tmp/smol
 if [ ! -f /tmp/smol/gguf.00 ] || [ ! -f /tmp/smol/gguf.01 ] || [ ! -d /tmp/smol/kjv ]; then
   echo "smollm2: only part of the GGUF is here (/tmp/smol: $(ls /tmp/smol | tr '\n' ' '))"
