@@ -21,9 +21,16 @@ Two vocabulary modes (``mode``):
   joint head of ``V + K`` classes (the text head's rows, then the code rows), so either task can
   emit either kind of token.
 
-Every code also gets a learned embedding of its raster position in the image (OmniMamba trains a
+Every code also gets a learned embedding of its position in the image (OmniMamba trains a
 position embedding with the t2i modules), so the model knows where in the ``grid x grid`` image
-the next code goes.
+the next code goes. ``positions`` chooses how that position is embedded (:class:`CodePositions`):
+
+* ``raster`` (OmniMamba): one vector per raster index, ``grid²`` of them.
+* ``rowcol``: a row vector plus a column vector.
+* ``tile:T``: the index of the ``T x T`` tile the code is in plus its index inside the tile,
+  so every tile shares one set of within-tile vectors (a drawing learnt in one tile is at
+  the same embedding in another).
+* ``none``: no position embedding; the recurrence has to count.
 """
 
 from __future__ import annotations
@@ -56,11 +63,13 @@ class ImageVocabSpec:
     grid: int
     embed_dim: int = 256
     mode: str = "decoupled"
+    positions: str = "raster"
     image_tokenizer: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in VOCAB_MODES:
             raise ValueError(f"image_vocab.mode must be one of {VOCAB_MODES}; got {self.mode!r}")
+        position_tables(self.positions, self.grid)
         for key in ("text_vocab_size", "codebook_size", "grid", "embed_dim"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"image_vocab.{key} must be a positive integer")
@@ -89,11 +98,60 @@ class ImageVocabSpec:
         return cls(**data)
 
 
+def position_tables(kind: str, grid: int) -> tuple[int, int]:
+    """The two table sizes of position embedding ``kind`` on a ``grid x grid`` image (the second
+    is 0 for a single table); a ``ValueError`` for an unknown kind or a tile not dividing ``grid``."""
+    if kind == "raster":
+        return grid * grid, 0
+    if kind == "rowcol":
+        return grid, grid
+    if kind == "none":
+        return 0, 0
+    tile = kind.removeprefix("tile:")
+    if kind.startswith("tile:") and tile.isdigit() and int(tile) >= 1 and grid % int(tile) == 0:
+        return (grid // int(tile)) ** 2, int(tile) ** 2
+    raise ValueError(
+        f"image_vocab.positions must be raster, rowcol, none or tile:T with T dividing the grid "
+        f"({grid}); got {kind!r}"
+    )
+
+
+class CodePositions(nn.Module):
+    """Position embeddings of image codes (module docstring): one ``weight`` table holding the
+    first index's rows, then the second's; ``forward(raster index) -> [..., width]``."""
+
+    def __init__(self, kind: str, grid: int, width: int):
+        super().__init__()
+        self.kind, self.grid = kind, grid
+        first, second = position_tables(kind, grid)
+        self.first = first
+        self.weight = nn.Parameter(torch.zeros(first + second, width))
+
+    def indices(self, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows of ``weight`` for raster indices ``where``: the first index, the second (offset)."""
+        if self.kind == "raster":
+            return where, None
+        row, col = where // self.grid, where % self.grid
+        if self.kind == "rowcol":
+            return row, self.first + col
+        tile = int(self.kind.removeprefix("tile:"))
+        per_row = self.grid // tile
+        outer = (row // tile) * per_row + col // tile
+        return outer, self.first + (row % tile) * tile + col % tile
+
+    def forward(self, where: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return self.weight.new_zeros(*where.shape, self.weight.shape[1])
+        first, second = self.indices(where)
+        out = nn.functional.embedding(first, self.weight)
+        return out if second is None else out + nn.functional.embedding(second, self.weight)
+
+
 class ImageVocabulary(nn.Module):
     """Embeddings of the layout tokens and image codes, and the image head.
 
     Parameters: ``layout`` (5 x hidden), ``embed`` (K x embed_dim; K x hidden when shared),
-    ``position`` (grid² x the same width), ``projector`` (decoupled only: Linear, GELU, Linear),
+    ``position`` (:class:`CodePositions`, the same width), ``projector`` (decoupled only: Linear, GELU, Linear),
     ``head`` (K x hidden).
     """
 
@@ -103,7 +161,7 @@ class ImageVocabulary(nn.Module):
         width = spec.embed_dim if spec.mode == "decoupled" else hidden_size
         self.layout = nn.Embedding(len(LAYOUT_TOKENS), hidden_size)
         self.embed = nn.Embedding(spec.codebook_size, width)
-        self.position = nn.Embedding(spec.codes_per_image, width)
+        self.position = CodePositions(spec.positions, spec.grid, width)
         self.projector = (
             nn.Sequential(
                 nn.Linear(width, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)

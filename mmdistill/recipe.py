@@ -268,6 +268,8 @@ class OmniSpec(_Strict):
         vocabulary: ``decoupled`` (own image embeddings and head) or ``shared`` (one joint
             vocabulary and head, an ablation).
         image_embed_dim: width of the code embeddings before the projector.
+        image_positions: how a code's place in the image is embedded: ``raster`` (OmniMamba),
+            ``rowcol``, ``tile:T`` or ``none`` (:mod:`mmdistill.image_vocab`).
         lora: see :class:`LoraOptions`.
         t2i: caption sources (``{"image", "caption"}`` JSONL, or ``builtin:shapes-t2i``); the
             mmu task trains on ``data.train``.
@@ -281,6 +283,7 @@ class OmniSpec(_Strict):
     image_tokenizer_config: dict[str, Any] | None = None
     vocabulary: Literal["decoupled", "shared"] = "decoupled"
     image_embed_dim: int = Field(256, ge=1)
+    image_positions: str = Field("raster", pattern=r"^(raster|rowcol|none|tile:[1-9][0-9]*)$")
     lora: LoraOptions = Field(default_factory=LoraOptions)
     t2i: list[DataSource] = Field(min_length=1)
     caption_dropout: float = Field(0.1, ge=0, lt=1)

@@ -101,6 +101,7 @@ def prepare_student(run: Run, student: DecoderLM) -> DecoderLM:
         codebook_size=config.codebook_size,
         grid=config.grid,
         embed_dim=omni.image_embed_dim,
+        positions=omni.image_positions,
         mode=omni.vocabulary,
         image_tokenizer=data.description,
     )
