@@ -75,6 +75,7 @@ def greedy_answers(
     max_new_tokens: int = 16,
     stop_text: str | None = None,
     advance: Callable[[int], None] | None = None,
+    decode: str = "auto",
 ) -> list[str]:
     """Greedy answers to ``questions``, in order.
 
@@ -88,6 +89,7 @@ def greedy_answers(
         max_new_tokens: answer length limit.
         stop_text: the decoded answer is also cut at its first occurrence.
         advance: called with the batch size after each batch (progress).
+        decode: the decode path (:func:`mmdistill.generation.generate`).
 
     Returns:
         The decoded answers (special tokens skipped, stripped).
@@ -106,6 +108,7 @@ def greedy_answers(
             max_new_tokens=max_new_tokens,
             eos_token_id=list(stop_ids),
             pad_token_id=pad_id,
+            decode=decode,
         )
         for row in out[:, ids.shape[1] :].tolist():
             answers.append(_decode(row, tokenizer, stop_ids, stop_text))

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .bench_reference import build_on, measure_reference
-from .generation import prefill
+from .cached_forward import prefill
 from .graph_decode import GraphDecoder
 from .model import DecoderLM, LMCache
 from .shapes import SHAPES, text_config

@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .bench import Candidate, RowOptions, _is_oom, _pack, describe_device
+from .cached_forward import prefill
 from .data.t2i import t2i_prompt
-from .generation import prefill
 from .image_vocab import ImageVocabSpec
 from .model import DecoderLM, LMCache
 from .omni_student import add_image_vocabulary, merge_task

@@ -1,6 +1,26 @@
 """Autoregressive generation with the model's own cache: recurrent state for Mamba-2 layers,
 a KV cache for the attention layers that remain. Greedy, or sampling with temperature/top-k/
-top-p. Long prompts can be prefilled in chunks so activation memory stays bounded."""
+top-p; stop tokens; streaming; left-padded batches; images. Long prompts can be prefilled in
+chunks so activation memory stays bounded.
+
+Two decode paths give the same tokens (``decode``):
+
+* ``graph``, the default on CUDA: every step after the prefill replays one captured CUDA graph
+  (:class:`~mmdistill.graph_decode.GraphDecoder`), with a static KV cache for attention layers
+  sized from the request (prompt plus new tokens, rounded up to a power of two so later
+  requests reuse it). Sampling, stop tokens and streaming run between replays on the step's
+  logits. The decoder is captured once per model, task, batch size and cache size and kept on
+  the model for later calls in the process (``compile=True`` compiles the step with
+  ``torch.compile`` before capturing it: a one-time cost of tens of seconds to minutes for a
+  faster step). Off CUDA, ``graph`` runs the same step without capturing it (what the CPU tests
+  check).
+* ``eager``, the reference and what CPU uses: one forward per token through the model's
+  growing cache (:class:`~mmdistill.cached_forward.EagerDecoder`).
+
+``auto`` (the default) is ``graph`` on CUDA where the graph decoder supports the model and
+prompt, else ``eager``: attention layers with a sliding window, a custom score scale or
+soft-capping, and left-padded prompts through attention layers decode eagerly.
+"""
 
 from __future__ import annotations
 
@@ -9,66 +29,82 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # annotations only: the model calls down into this module
-    from .model import DecoderLM, LMCache
+from .cached_forward import EagerDecoder, sample_next
+from .graph_decode import GraphDecoder, attention_layers, unsupported
+
+if TYPE_CHECKING:
+    from .model import DecoderLM
+
+DECODE_PATHS = ("auto", "graph", "eager")
+KEPT_DECODERS = 4  # graph decoders kept per model (oldest dropped first)
 
 
-def sample_next(
-    logits: torch.Tensor,
-    do_sample: bool,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Pick the next token from ``logits`` ``[b, vocab]`` -> ``[b]``."""
-    if not do_sample:
-        return logits.argmax(-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive when sampling; got {temperature}")
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
-        logits = torch.full_like(logits, -torch.inf).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+class _KeptDecoders(dict):
+    """The graph decoders kept on a model; a copy of the model starts with none (its weights
+    are other tensors than the ones the graphs were captured on)."""
+
+    def __deepcopy__(self, memo) -> _KeptDecoders:
+        return _KeptDecoders()
 
 
-def prefill(
-    model: DecoderLM,
-    cache: LMCache,
-    input_ids: torch.Tensor | None = None,
-    pixel_values: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    head: str = "text",
-) -> torch.Tensor:
-    """Feed a prompt into ``cache``; returns the last position's logits ``[b, vocab]`` from
-    ``head`` (``text`` or ``image``: :meth:`~mmdistill.model.DecoderLM.head_logits`)."""
-    if inputs_embeds is None:
-        inputs_embeds = model.embed(input_ids, pixel_values)
-    length = inputs_embeds.shape[1]
-    step = chunk_size or length
-    logits = None
-    for start in range(0, length, step):
-        stop = min(start + step, length)
-        mask = attention_mask[:, start:stop] if attention_mask is not None else None
-        out = model(
-            inputs_embeds=inputs_embeds[:, start:stop],
-            attention_mask=mask,
-            cache=cache,
-            logits_slice=slice(-1, None),
-            head=head,
+def _capacity(needed: int) -> int:
+    """A static KV cache size for ``needed`` tokens: the next power of two, at least 256."""
+    return max(256, 1 << (needed - 1).bit_length())
+
+
+def _graph_decoder(model: DecoderLM, batch: int, needed: int, compile: bool) -> GraphDecoder:
+    """A graph decoder for ``model`` from the ones kept on it, captured now if none fits.
+
+    Kept decoders are keyed by task, batch, cache size and compilation, and dropped when the
+    model's weights move (a replayed graph reads the storage it was captured on)."""
+    capacity = _capacity(needed) if attention_layers(model) else None
+    weights = tuple(p.data_ptr() for p in model.parameters())
+    kept = model.__dict__.setdefault("_graph_decoders", _KeptDecoders())
+    if kept.get("weights") != weights:
+        kept.clear()
+        kept["weights"] = weights
+    key = (model.task, batch, capacity, compile)
+    if key not in kept:
+        if len(kept) > KEPT_DECODERS:
+            kept.pop(next(k for k in kept if k != "weights"))
+        capture = model.device.type == "cuda"
+        kept[key] = GraphDecoder(
+            model, batch, compile=compile, max_length=capacity, capture=capture
         )
-        logits = out.logits[:, -1]
-    return logits
+    return kept[key]
+
+
+def resolve_path(model: DecoderLM, decode: str, attention_mask: torch.Tensor | None = None) -> str:
+    """``graph`` or ``eager``: the path ``decode`` (``auto``/``graph``/``eager``) takes for
+    ``model`` and a prompt with ``attention_mask`` (module docstring).
+
+    Raises:
+        ValueError: an unknown path, or ``graph`` for a model or prompt it cannot decode.
+    """
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}; got {decode!r}")
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    reason = unsupported(model, padded)
+    if decode == "graph" and reason:
+        raise ValueError(f"the graph decode path does not support {reason}; use decode='eager'")
+    if decode == "eager" or (decode == "auto" and (reason or model.device.type != "cuda")):
+        return "eager"
+    return "graph"
+
+
+def choose_decoder(
+    model: DecoderLM,
+    decode: str,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    compile: bool = False,
+) -> EagerDecoder | GraphDecoder:
+    """The decoder of path ``decode`` for this request (:func:`resolve_path`)."""
+    if resolve_path(model, decode, attention_mask) == "eager":
+        return EagerDecoder(model, input_ids.shape[0])
+    needed = input_ids.shape[1] + max_new_tokens
+    return _graph_decoder(model, input_ids.shape[0], needed, compile)
 
 
 @torch.no_grad()
@@ -87,6 +123,8 @@ def generate(
     generator: torch.Generator | None = None,
     prefill_chunk_size: int | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
+    decode: str = "auto",
+    compile: bool = False,
 ) -> torch.Tensor:
     """Generate continuations.
 
@@ -96,6 +134,8 @@ def generate(
         pixel_values: image tiles for a multimodal front-end.
         eos_token_id: stop a row after it emits one of these (defaults to the config's).
         streamer: called with each new ``[b]`` token tensor as it is produced.
+        decode: ``auto``, ``graph`` or ``eager`` (module docstring).
+        compile: ``torch.compile`` the graph path's step before capturing it.
 
     Returns:
         ``[b, l + n]`` prompt plus generated tokens (``n <= max_new_tokens``; finished rows
@@ -114,10 +154,8 @@ def generate(
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos.numel() else 0
     b = input_ids.shape[0]
-    cache = model.new_cache(b)
-    logits = prefill(
-        model, cache, input_ids, pixel_values, attention_mask, chunk_size=prefill_chunk_size
-    )
+    decoder = choose_decoder(model, decode, input_ids, attention_mask, max_new_tokens, compile)
+    logits = decoder.prefill(input_ids, attention_mask, prefill_chunk_size, pixel_values)
     tokens = [input_ids]
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
@@ -130,5 +168,5 @@ def generate(
             done = done | torch.isin(nxt, eos)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        logits = model(nxt[:, None], cache=cache).logits[:, -1]
+        logits = decoder.step(nxt)
     return torch.cat(tokens, dim=1)

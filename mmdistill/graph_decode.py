@@ -35,8 +35,28 @@ from __future__ import annotations
 
 import torch
 
-from .generation import prefill
+from .cached_forward import prefill
 from .model import DecoderLM, LMCache
+
+
+def attention_layers(model: DecoderLM) -> list[int]:
+    """Indices of the model's attention layers (they need a static KV cache to replay)."""
+    return [i for i, t in enumerate(model.config.layer_types) if t != "mamba"]
+
+
+def unsupported(model: DecoderLM, padded: bool = False) -> str | None:
+    """Why :class:`GraphDecoder` cannot decode ``model`` (``padded``: a left-padded prompt), or
+    ``None`` when it can."""
+    if not attention_layers(model):
+        return None
+    stacks = model.config.stacks
+    if any(s.sliding_window is not None for s in stacks):
+        return "sliding-window attention"
+    if any(s.attn_scale or s.attn_softcap for s in stacks):
+        return "attention with a custom score scale or soft-capping"
+    if padded:
+        return "left-padded prompts through attention layers (its attention step has no key mask)"
+    return None
 
 
 class GraphDecoder:
@@ -78,7 +98,7 @@ class GraphDecoder:
             ValueError: for a model not on CUDA (when capturing); with attention layers, for a
                 missing or too small ``max_length`` or a sliding-window stack.
         """
-        attention = [i for i, t in enumerate(model.config.layer_types) if t != "mamba"]
+        attention = attention_layers(model)
         if attention:
             if max_length is None:
                 raise ValueError(
@@ -87,15 +107,9 @@ class GraphDecoder:
                 )
             if max_length < warmup + 1:
                 raise ValueError(f"max_length must be at least {warmup + 1}; got {max_length}")
-            windowed = [s for s in model.config.stacks if s.sliding_window is not None]
-            if windowed:
-                raise ValueError("GraphDecoder does not support sliding-window attention")
-            custom = [s for s in model.config.stacks if s.attn_scale or s.attn_softcap]
-            if custom:
-                raise ValueError(
-                    "GraphDecoder supports attention with the default score scale and no "
-                    "soft-capping only"
-                )
+        reason = unsupported(model)
+        if reason:
+            raise ValueError(f"GraphDecoder does not support {reason}")
         if capture and model.device.type != "cuda":
             raise ValueError("GraphDecoder needs a model on a CUDA device")
         self.model = model
@@ -154,6 +168,7 @@ class GraphDecoder:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         chunk_size: int | None = None,
+        pixel_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Reset the cache and feed a prompt into it (eagerly, in place).
 
@@ -161,6 +176,7 @@ class GraphDecoder:
             input_ids: ``[b, l]`` prompt, ``b`` = the decoder's batch.
             attention_mask: ``[b, l]`` for left-padded prompts.
             chunk_size: prefill chunk length (``None``: one pass).
+            pixel_values: image tiles for a multimodal front-end.
 
         Returns:
             ``[b, vocab]`` logits of the last prompt position.
@@ -175,6 +191,7 @@ class GraphDecoder:
             self.model,
             self.cache,
             input_ids,
+            pixel_values,
             attention_mask=attention_mask,
             chunk_size=chunk_size,
             head=self.head,
@@ -199,6 +216,11 @@ class GraphDecoder:
         self.cache.next_pos = self._positions
         self.cache.key_mask = None
         self.cache.seen = other.seen
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` ``[b]`` (e.g. sampled ones) through one :meth:`replay`; its logits."""
+        self.tokens.copy_(tokens)
+        return self.replay()
 
     def replay(self) -> torch.Tensor:
         """Run one captured (or, without a graph, eager) step: consumes :attr:`tokens`, refreshes

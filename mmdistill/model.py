@@ -22,7 +22,6 @@ from .decoder import AttnContext, DecoderLayer, RMSNorm, Rotary, mixer_config_fo
 from .errors import CheckpointError
 from .files import read_safetensors
 from .frontends import front_end_class
-from .generation import generate
 from .image_vocab import ImageVocabSpec, ImageVocabulary
 from .lm_config import LMConfig
 from .task_lora import LoraSpec, add_adapters, use_adapter
@@ -172,10 +171,6 @@ class DecoderLM(nn.Module):
     def save_pretrained(self, directory, **kwargs):
         """See :func:`mmdistill.checkpoint.save_pretrained`."""
         return save_pretrained(self, directory, **kwargs)
-
-    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """See :func:`mmdistill.generation.generate`."""
-        return generate(self, input_ids, **kwargs)
 
     def mixer_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.config.layer_types) if t == "mamba"]

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .cached_forward import prefill, sample_next
 from .data.t2i import t2i_prompt
 from .errors import CheckpointError
-from .generation import prefill, sample_next
 from .model import DecoderLM
 
 

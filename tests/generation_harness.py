@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from mmdistill.generation import prefill
+from mmdistill.cached_forward import prefill
+from mmdistill.generation import generate
+from mmdistill.graph_decode import unsupported
 from mmdistill.model import DecoderLM, LMCache
 
 
@@ -84,8 +86,10 @@ def check_cached_generation(
 
     1. :func:`cached_logits` (prefill of ``prefix`` ids, then one-token steps) equals the full
        forward's logits at every position from ``prefix - 1`` on;
-    2. greedy ``model.generate`` (prefill in chunks of ``chunk_size``, cached steps) of
-       ``new_tokens`` equals :func:`greedy_recompute`.
+    2. greedy :func:`~mmdistill.generation.generate` (prefill in chunks of ``chunk_size``,
+       cached steps) of ``new_tokens`` equals :func:`greedy_recompute`, on the eager path and,
+       where the graph decoder supports the model and prompt, on the graph path (its step run
+       without capture off CUDA).
 
     ``pixel_values`` go with the prompt (its image tokens must lie in the prefix); they cannot
     be combined with ``left_pad``. Returns :func:`cached_logits`' result for further checks.
@@ -104,26 +108,36 @@ def check_cached_generation(
         chunk_size=chunk_size,
         max_length=max_length,
     )
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        pixel_values=pixel_values,
-        max_new_tokens=new_tokens,
-        eos_token_id=[],
-        prefill_chunk_size=chunk_size,
-    )
-    assert out.shape == (b, length + new_tokens)
-    assert torch.equal(out[:, :length], ids)
+    padded = mask is not None and not bool(mask.all())
+    paths = ["eager"] + (["graph"] if unsupported(model, padded) is None else [])
+    outs = {
+        path: generate(
+            model,
+            ids,
+            attention_mask=mask,
+            pixel_values=pixel_values,
+            max_new_tokens=new_tokens,
+            eos_token_id=[],
+            prefill_chunk_size=chunk_size,
+            decode=path,
+        )
+        for path in paths
+    }
+    for path, out in outs.items():
+        assert out.shape == (b, length + new_tokens), path
+        assert torch.equal(out[:, :length], ids), path
     if any(pads):
         for i, pad in enumerate(pads):
             alone = ids[i : i + 1, pad:]
             full = model(alone).logits[0, prefix - 1 - pad :]
             torch.testing.assert_close(cached[i], full, rtol=rtol, atol=atol)
             expected = greedy_recompute(model, alone, new_tokens)
-            assert torch.equal(out[i : i + 1, length:], expected), f"row {i}"
+            for path, out in outs.items():
+                assert torch.equal(out[i : i + 1, length:], expected), f"row {i}, {path}"
     else:
         full = model(ids, pixel_values=pixel_values).logits[:, prefix - 1 :]
         torch.testing.assert_close(cached, full, rtol=rtol, atol=atol)
         expected = greedy_recompute(model, ids, new_tokens, pixel_values)
-        assert torch.equal(out[:, length:], expected)
+        for path, out in outs.items():
+            assert torch.equal(out[:, length:], expected), path
     return cached, cache

@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from mmdistill import bench
+from mmdistill.cached_forward import prefill
 from mmdistill.cli import app, main
-from mmdistill.generation import prefill
 from mmdistill.model import LMCache
 from mmdistill.seeding import seed
 from mmdistill.shapes import HOVLE_2_6B, text_config

@@ -8,7 +8,7 @@ import torch
 from generation_harness import cached_logits, check_cached_generation
 
 from mmdistill.bench import random_model
-from mmdistill.generation import prefill
+from mmdistill.cached_forward import prefill
 from mmdistill.kernels.fused_reference import (
     conv_silu_expand_ref,
     mixer_decode_step,

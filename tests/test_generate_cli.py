@@ -73,10 +73,27 @@ def test_hf_model_uses_its_chat_template(chat_dir):
     assert code == 0 and streamed == doc["text"] + "\n"
 
 
-def test_raw_prompt_and_sampling_seed(chat_dir):
+def test_raw_prompt_and_sampling_seed(chat_dir, tmp_path):
     directory, _ = chat_dir
     code, out = run(str(directory), "--prompt", "And God", "--raw", "-n", "5", "--json")
-    assert code == 0 and json.loads(out)["prompt_tokens"] == 1 + len("And God")  # BOS + chars
+    doc = json.loads(out)
+    assert code == 0 and doc["prompt_tokens"] == 1 + len("And God")  # BOS + chars
+    assert doc["decode"] == "eager" and doc["first_token_seconds"] > 0  # CPU: the reference
+    assert doc["new_tokens"] < 2 or doc["decode_tokens_per_s"] > 0
+    code, eager = run(
+        str(directory), "--prompt", "And God", "--raw", "-n", "5", "--json", "--eager"
+    )
+    assert code == 0 and json.loads(eager)["text"] == doc["text"]
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("And God", encoding="utf-8")
+    code, out = run(str(directory), "--prompt-file", str(prompt_file), "--raw", "-n", "5", "--json")
+    assert code == 0 and json.loads(out)["text"] == doc["text"]
+    prompt_file.write_bytes(b"\xff\xfe bad")
+    with pytest.raises(DataError, match="not UTF-8"):
+        run(str(directory), "--prompt-file", str(prompt_file), "--raw")
+    for args in ([], ["--prompt", "hi", "--prompt-file", str(prompt_file)]):
+        result = CliRunner().invoke(app, ["generate", str(directory), *args])
+        assert result.exit_code == 2 and "--prompt-file FILE (one)" in result.output
     sample = ["--prompt", "hi", "-n", "8", "--temperature", "1.5", "--json"]
 
     def text(*args):

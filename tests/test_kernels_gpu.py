@@ -321,14 +321,15 @@ def tiny_models(dtype):
     return teacher, seed(teacher, "none"), seed(teacher, "every:2")
 
 
+@pytest.mark.parametrize("decode", ["auto", "eager"])  # auto: the captured step on CUDA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cached_generation_matches_recompute(dtype):
+def test_cached_generation_matches_recompute(dtype, decode):
     from mmdistill.generation import generate
 
     for model in tiny_models(dtype):
         prompt = torch.randint(0, 256, (2, 33), device=CUDA)
         with torch.no_grad():
-            out = generate(model, prompt, max_new_tokens=8, prefill_chunk_size=16)
+            out = generate(model, prompt, max_new_tokens=8, prefill_chunk_size=16, decode=decode)
             for t in range(prompt.shape[1], out.shape[1]):
                 logits = model(out[:, :t]).logits[:, -1].float()
                 top2 = logits.topk(2).values
@@ -337,8 +338,38 @@ def test_cached_generation_matches_recompute(dtype):
                 assert bool((agree | ~clear).all()), t
 
 
+def test_captured_generation_samples_with_a_seed_and_decodes_padded_batches():
+    """The default path on CUDA: a seeded sample is reproducible and streams what it returns;
+    a left-padded batch of a linear student gives the eager path's tokens (greedy, fp32)."""
+    from mmdistill.generation import generate, resolve_path
+
+    _, linear, hybrid = tiny_models(torch.float32)
+    prompt = torch.randint(0, 256, (3, 21), device=CUDA)
+    for model in (linear, hybrid):
+        assert resolve_path(model, "auto") == "graph"
+        streamed = []
+        kw = dict(max_new_tokens=12, do_sample=True, temperature=0.8, top_k=40, eos_token_id=[])
+        one = generate(
+            model,
+            prompt,
+            generator=torch.Generator(CUDA).manual_seed(3),
+            streamer=streamed.append,
+            **kw,
+        )
+        two = generate(model, prompt, generator=torch.Generator(CUDA).manual_seed(3), **kw)
+        assert torch.equal(one, two)
+        assert torch.equal(torch.stack(streamed, 1), one[:, prompt.shape[1] :])
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0
+    mask[2, :11] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(
+        generate(linear, prompt, **kw), generate(linear, prompt, decode="eager", **kw)
+    )
+
+
 def test_static_kv_cache_matches_growing():
-    from mmdistill.generation import prefill
+    from mmdistill.cached_forward import prefill
     from mmdistill.model import LMCache
 
     teacher, _, hybrid = tiny_models(torch.float32)
@@ -357,7 +388,7 @@ def test_static_kv_cache_matches_growing():
 
 @pytest.mark.parametrize("dtype,compile_step", [(torch.float32, False), (torch.bfloat16, True)])
 def test_graph_decode_matches_eager(dtype, compile_step):
-    from mmdistill.generation import prefill
+    from mmdistill.cached_forward import prefill
     from mmdistill.graph_decode import GraphDecoder
     from mmdistill.model import LMCache
 
@@ -423,7 +454,7 @@ def test_hybrid_graph_decode_matches_eager(dtype, compile_step):
     """A hybrid replayed from a CUDA graph over a device-tracked static KV cache against its
     eager decode with a growing cache: the same logits within tolerance, the Python lengths
     kept, a replicated batch-1 prefill, and a clear error before the cache overflows."""
-    from mmdistill.generation import prefill
+    from mmdistill.cached_forward import prefill
     from mmdistill.graph_decode import GraphDecoder
     from mmdistill.model import LMCache
 
@@ -463,8 +494,8 @@ def test_t2i_graph_decode_gives_the_codes_of_generate_codes(layout):
     """Images decoded from the CUDA-graph t2i step (unmerged random LoRA, code and position
     embeddings, image head) against ``generate_codes``' eager loop: identical codes, for a
     linear and a hybrid student, from a batched prompt and from one prompt replicated."""
+    from mmdistill.cached_forward import prefill
     from mmdistill.data.t2i import t2i_prompt
-    from mmdistill.generation import prefill
     from mmdistill.image_vocab import ImageVocabSpec
     from mmdistill.model import LMCache
     from mmdistill.omni_student import add_image_vocabulary

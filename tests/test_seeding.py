@@ -126,12 +126,12 @@ def test_sampling_is_seeded_and_respects_eos(llama_teacher):
     kw = dict(
         max_new_tokens=10, do_sample=True, temperature=0.8, top_k=20, top_p=0.9, eos_token_id=[]
     )
-    one = student.generate(prompt, generator=torch.Generator().manual_seed(7), **kw)
-    two = student.generate(prompt, generator=torch.Generator().manual_seed(7), **kw)
+    one = mmdistill.generate(student, prompt, generator=torch.Generator().manual_seed(7), **kw)
+    two = mmdistill.generate(student, prompt, generator=torch.Generator().manual_seed(7), **kw)
     assert torch.equal(one, two)
-    greedy = student.generate(prompt, max_new_tokens=10, eos_token_id=[])
+    greedy = mmdistill.generate(student, prompt, max_new_tokens=10, eos_token_id=[])
     first = int(greedy[0, 5])
-    stopped = student.generate(prompt[:1], max_new_tokens=10, eos_token_id=first)
+    stopped = mmdistill.generate(student, prompt[:1], max_new_tokens=10, eos_token_id=first)
     assert stopped.shape[1] == 6
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import make_omni_student
 
+from mmdistill.cached_forward import prefill
 from mmdistill.data.t2i import t2i_prompt
-from mmdistill.generation import prefill
 from mmdistill.model import LMCache
 from mmdistill.t2i_generation import generate_codes
 from mmdistill.t2i_graph import ImageGraphDecoder

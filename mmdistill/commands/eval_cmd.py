@@ -178,6 +178,9 @@ def eval_command(
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     gate: list[str] | None = typer.Option(None, "--gate", help=GATE_HELP),
+    eager: bool = typer.Option(
+        False, "--eager", help="Answer on the eager reference path (no captured CUDA graph)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Perplexity, KL(teacher‖student), top-1 agreement and answer accuracy of a student."""
@@ -232,6 +235,7 @@ def eval_command(
             max_new_tokens=max_new_tokens,
             use_template=not no_template,
             progress=True,
+            decode="eager" if eager else "auto",
         )["student"]
         report.update(result)
         err.print(results_table(result, f"{student} vs {teacher}"))

@@ -21,8 +21,9 @@ import torch
 import typer
 
 from ..chat_format import build_generation_prompt
+from ..errors import DataError
 from ..evaluation import describe, is_student_dir, load_model
-from ..generation import generate
+from ..generation import generate, resolve_path
 from ..t2i_evaluation import generate_images, load_t2i_student, save_png
 from ..t2i_generation import Sampling
 from ..tokenizer import load_tokenizer
@@ -31,7 +32,8 @@ from .output import emit_json, err
 
 
 class _Streamer:
-    """Decodes the growing answer and writes only the new text (whole characters only)."""
+    """Collects the answer's ids and the time of each token; when echoing, decodes the growing
+    answer and writes only the new text (whole characters only)."""
 
     def __init__(self, tokenizer, stop_ids: list[int], echo: bool) -> None:
         self.tokenizer = tokenizer
@@ -40,15 +42,19 @@ class _Streamer:
         self.ids: list[int] = []
         self.stopped = False
         self.printed = ""
+        self.times: list[float] = []
 
     def __call__(self, token: torch.Tensor) -> None:
         value = int(token[0])
+        self.times.append(time.perf_counter())
         if self.stopped or value in self.stop_ids:
             self.stopped = True
             return
         self.ids.append(value)
+        if not self.echo:
+            return
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if self.echo and not text.endswith("\ufffd") and text.startswith(self.printed):
+        if not text.endswith("\ufffd") and text.startswith(self.printed):
             sys.stdout.write(text[len(self.printed) :])
             sys.stdout.flush()
             self.printed = text
@@ -56,6 +62,17 @@ class _Streamer:
     @property
     def text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def timing(self, start: float) -> dict:
+        """Seconds to the first token (decoder set-up and prefill) and the decode rate after it
+        (tokens per second over the steps that followed; ``None`` with fewer than two)."""
+        first = self.times[0] - start if self.times else None
+        steps = len(self.times) - 1
+        span = self.times[-1] - self.times[0] if steps > 0 else 0.0
+        return {
+            "first_token_seconds": round(first, 4) if first is not None else None,
+            "decode_tokens_per_s": round(steps / span, 2) if span > 0 else None,
+        }
 
 
 def image_paths(out: Path, count: int) -> list[Path]:
@@ -90,12 +107,28 @@ def generate_t2i(
     }
 
 
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    """The prompt from ``--prompt`` or ``--prompt-file`` (exactly one of them)."""
+    if (prompt is None) == (prompt_file is None):
+        raise typer.BadParameter("give the prompt as --prompt TEXT or --prompt-file FILE (one)")
+    if prompt_file is None:
+        return prompt
+    require_files([prompt_file], "prompt")
+    try:
+        return prompt_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{prompt_file}: not UTF-8 text ({exc.reason}); save it as UTF-8") from None
+
+
 def generate_command(
     model_dir: str = typer.Argument(
         ..., metavar="DIR", help="Student directory, or any teacher source (dir, .gguf, alias)."
     ),
-    prompt: str = typer.Option(
-        ..., "--prompt", "-p", help="The user's message (the caption with --task t2i)."
+    prompt: str | None = typer.Option(
+        None, "--prompt", "-p", help="The user's message (the caption with --task t2i)."
+    ),
+    prompt_file: Path | None = typer.Option(
+        None, "--prompt-file", help="Read the prompt from this UTF-8 file (long prompts)."
     ),
     task: str = typer.Option("mmu", "--task", help="mmu (answer in text) or t2i (draw images)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="--task t2i: the PNG to write."),
@@ -116,11 +149,18 @@ def generate_command(
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is (no chat template)."),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    eager: bool = typer.Option(
+        False, "--eager", help="The eager reference path (CUDA otherwise replays a captured step)."
+    ),
+    compile_step: bool = typer.Option(
+        False, "--compile", help="torch.compile the captured step first (a one-time cost)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document, no streaming."),
 ) -> None:
     """Generate an answer with a student or teacher, streaming it to stdout (or images)."""
     if task not in ("mmu", "t2i"):
         raise typer.BadParameter(f"unknown task {task!r}; mmu or t2i", param_hint="--task")
+    prompt = read_prompt(prompt, prompt_file)
     device = str(resolve_device(device))
     if task == "t2i":
         if out is None:
@@ -158,6 +198,8 @@ def generate_command(
         eos_token_id=stop_ids,
         generator=generator,
         streamer=streamer,
+        decode="eager" if eager else "auto",
+        compile=compile_step,
     )
     seconds = time.perf_counter() - start
     new_tokens = out.shape[1] - len(ids)
@@ -173,6 +215,8 @@ def generate_command(
                 "new_tokens": new_tokens,
                 "seconds": round(seconds, 3),
                 "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else None,
+                **streamer.timing(start),
+                "decode": resolve_path(model, "eager" if eager else "auto"),
             }
         )
     else:

@@ -150,6 +150,7 @@ def _answerer(
     batch_size: int,
     max_new_tokens: int,
     advance: Callable[[int], None],
+    decode: str,
 ) -> Answerer:
     """``answer(model, questions)``: greedy answers, stopping where ``fmt`` ends a turn."""
 
@@ -164,6 +165,7 @@ def _answerer(
             max_new_tokens=max_new_tokens,
             stop_text=fmt.stop_text,
             advance=advance,
+            decode=decode,
         )
 
     return answer
@@ -193,6 +195,7 @@ def evaluate_many(
     use_template: bool = True,
     progress: bool = False,
     examples: int = 3,
+    decode: str = "auto",
 ) -> dict[str, dict[str, Any]]:
     """Evaluate several students against one teacher on the same data (one teacher pass).
 
@@ -210,6 +213,8 @@ def evaluate_many(
         use_template: False renders conversations as plain text.
         progress: show a progress bar on stderr.
         examples: question/answer examples to keep per file.
+        decode: the answers' decode path (:func:`mmdistill.generation.generate`: ``auto``
+            replays a captured step on CUDA).
 
     Returns:
         ``{name: result}`` with each result as :func:`evaluate` returns it.
@@ -237,7 +242,7 @@ def evaluate_many(
     def score(data: EvalFile) -> tuple[TokenSums, dict[str, TokenSums]]:
         return score_sequences(teacher, students, data.sequences, batch_size, pad_id, advance)
 
-    answer = _answerer(tokenizer, fmt, pad_id, batch_size, max_new_tokens, advance)
+    answer = _answerer(tokenizer, fmt, pad_id, batch_size, max_new_tokens, advance, decode)
     totals = _Totals()
     with bar:
         per_file = [
