@@ -91,11 +91,16 @@ class StackConfig:
             raise ValueError(
                 f"hidden_act {self.hidden_act!r} is not supported ({list(ACTIVATIONS)})"
             )
-        rope_type = (self.rope_scaling or {}).get(
-            "rope_type", (self.rope_scaling or {}).get("type", "default")
-        )
-        if rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope_scaling type {rope_type!r} is not supported ({ROPE_TYPES})")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"rope_scaling type {self.rope_type!r} is not supported ({ROPE_TYPES})"
+            )
+
+    @property
+    def rope_type(self) -> str:
+        """The RoPE scaling type (HF's ``rope_type``, or its older ``type``; ``default``)."""
+        scaling = self.rope_scaling or {}
+        return scaling.get("rope_type", scaling.get("type", "default"))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,7 +143,7 @@ class Rotary(nn.Module):
         super().__init__()
         self.config = config
         scaling = dict(config.rope_scaling or {})
-        self.rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        self.rope_type = config.rope_type
         self.scaling = scaling
         self.original_max = scaling.get(
             "original_max_position_embeddings", config.max_position_embeddings
@@ -175,6 +180,17 @@ class Rotary(nn.Module):
             factors = self.scaling["long_factor" if long else "short_factor"]
             inv = 1.0 / (torch.tensor(factors, dtype=torch.float32) * base**exponents)
         return inv
+
+    def _dynamic_inv_freq(self, seq_len: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        """Dynamic NTK scaling (as transformers applies it): past ``max_position_embeddings``
+        the base grows with the call's longest position ``seq_len``. Computed on the device,
+        without reading ``seq_len`` on the host, so a captured decode step can run it."""
+        max_pos, d = self.config.max_position_embeddings, self.config.head_dim
+        factor = self.scaling["factor"]
+        grown = (factor * seq_len.double().clamp(min=max_pos) / max_pos) - (factor - 1)
+        base = (self.config.rope_theta * grown ** (d / (d - 2))).float()
+        exponents = torch.arange(0, d, 2, dtype=torch.int64, device=inv.device).float() / d
+        return torch.where(seq_len > max_pos, 1.0 / (base**exponents), inv)
 
     def _llama3(self, inv: torch.Tensor) -> torch.Tensor:
         s = self.scaling
@@ -217,17 +233,10 @@ class Rotary(nn.Module):
         if self.rope_type == "linear":
             pos = pos / self.scaling["factor"]
         elif self.rope_type == "dynamic":
-            seq_len = int(positions.max()) + 1
-            max_pos = self.config.max_position_embeddings
-            if seq_len > max_pos:
-                factor = self.scaling["factor"]
-                d = self.config.head_dim
-                base = self.config.rope_theta * ((factor * seq_len / max_pos) - (factor - 1)) ** (
-                    d / (d - 2)
-                )
-                inv = self._inv_freq(base).to(positions.device)
-        elif self.rope_type == "longrope" and int(positions.max()) + 1 > self.original_max:
-            inv = self._inv_freq(self.config.rope_theta, long=True).to(positions.device)
+            inv = self._dynamic_inv_freq(positions.max() + 1, inv)
+        elif self.rope_type == "longrope":
+            long = self._inv_freq(self.config.rope_theta, long=True).to(positions.device)
+            inv = torch.where(positions.max() + 1 > self.original_max, long, inv)
         freqs = pos[..., None] * inv
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos(), emb.sin()

@@ -368,6 +368,22 @@ def test_captured_generation_samples_with_a_seed_and_decodes_padded_batches():
     )
 
 
+def test_captured_generation_of_a_hovle_student_equals_eager(tmp_path):
+    """A HoVLE-format front-end inside the captured step (its id range check reads the host,
+    which capture forbids): the default path's greedy tokens are the eager path's."""
+    import mmdistill
+    from mmdistill.generation import generate
+    from mmdistill.teachers.tiny_hovle import write_tiny_hovle
+
+    write_tiny_hovle(tmp_path / "teacher", seed=0)
+    student = mmdistill.seed(mmdistill.load_teacher(str(tmp_path / "teacher")), "none").to(CUDA)
+    prompt = torch.randint(0, 200, (2, 17), device=CUDA)
+    kw = dict(max_new_tokens=10, eos_token_id=[])
+    assert torch.equal(
+        generate(student, prompt, **kw), generate(student, prompt, decode="eager", **kw)
+    )
+
+
 def test_static_kv_cache_matches_growing():
     from mmdistill.cached_forward import prefill
     from mmdistill.model import LMCache

@@ -246,7 +246,11 @@ def embed_text(
     """
     vocab = llm_text_embeddings.shape[0]
     extra = 0 if special_text_embeddings is None else special_text_embeddings.shape[0]
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab + extra):
+    # The range check reads the ids on the host, which a CUDA graph capture forbids; a captured
+    # decode step only ever embeds the ids its own head produced.
+    capturing = input_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+    checkable = input_ids.numel() and not capturing
+    if checkable and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab + extra):
         raise ValueError(
             f"token ids must lie in [0, {vocab + extra}) (llm_vocab_size={vocab}, special "
             f"tokens={extra}); got range [{int(input_ids.min())}, {int(input_ids.max())}]"

@@ -39,11 +39,11 @@ for name, target in (("4k", 4096), ("103k", 105472)):
 print(f"teacher and prompts written in {time.perf_counter() - start:.0f} s", flush=True)
 PY
 fi
-[ -f "$work/linear/config.json" ] || mmdistill seed -t "$work/teacher" -o "$work/linear" -a none \
+[ -f "$work/linear/config.json" ] || python3 -m mmdistill.cli seed -t "$work/teacher" -o "$work/linear" -a none \
   --dtype bfloat16 --no-verify
 gen() {  # NAME ARGS...
   local name=$1; shift
-  mmdistill generate "$work/linear" --raw --device cuda --dtype bfloat16 --json "$@" \
+  python3 -m mmdistill.cli generate "$work/linear" --raw --device cuda --dtype bfloat16 --json "$@" \
     > "$OUT/$name.json" && python3 -c 'import json, sys
 d = json.load(open(sys.argv[1]))
 print(sys.argv[2], {k: d[k] for k in ("prompt_tokens", "new_tokens", "seconds",
@@ -58,7 +58,7 @@ python3 -c 'import json, sys
 t = [json.load(open(f))["text"] for f in sys.argv[1:]]
 print("greedy text, captured == eager:", t[0] == t[1], "| seeded samples equal:", t[2] == t[3])' \
   "$OUT/gen-4k.json" "$OUT/gen-4k-eager.json" "$OUT/gen-4k-sample-1.json" "$OUT/gen-4k-sample-2.json"
-mmdistill bench --teacher "$work/teacher" --student "$work/linear" --skip-teacher \
+python3 -m mmdistill.cli bench --teacher "$work/teacher" --student "$work/linear" --skip-teacher \
   --no-transformers-teacher --lengths 4k,103k -n 64 --json > "$OUT/bench.json"
 python3 -c 'import json, sys
 for r in json.load(open(sys.argv[1]))["results"]:
