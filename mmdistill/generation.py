@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 DECODE_PATHS = ("auto", "graph", "eager")
 KEPT_DECODERS = 4  # graph decoders kept per model (oldest dropped first)
+# Steps between checks (a host sync) of whether every row has stopped. A sync per step would
+# leave the GPU idle while Python prepares the next one; steps after the last row stopped are
+# cut from the output, so the result is the same.
+STOP_CHECK = 8
 
 
 class _KeptDecoders(dict):
@@ -133,7 +137,9 @@ def generate(
         attention_mask: ``[b, l]`` 1 = real token.
         pixel_values: image tiles for a multimodal front-end.
         eos_token_id: stop a row after it emits one of these (defaults to the config's).
-        streamer: called with each new ``[b]`` token tensor as it is produced.
+        streamer: called with each new ``[b]`` token tensor as it is produced (also, for up to
+            ``STOP_CHECK - 1`` steps after every row has stopped, with rows of padding that are
+            not part of the result).
         decode: ``auto``, ``graph`` or ``eager`` (module docstring).
         compile: ``torch.compile`` the graph path's step before capturing it.
 
@@ -156,7 +162,7 @@ def generate(
     b = input_ids.shape[0]
     decoder = choose_decoder(model, decode, input_ids, attention_mask, max_new_tokens, compile)
     logits = decoder.prefill(input_ids, attention_mask, prefill_chunk_size, pixel_values)
-    tokens = [input_ids]
+    tokens, finished = [], []
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
         nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
@@ -166,7 +172,12 @@ def generate(
             streamer(nxt)
         if eos.numel():
             done = done | torch.isin(nxt, eos)
-        if bool(done.all()) or step == max_new_tokens - 1:
+            finished.append(done.all())
+        if step == max_new_tokens - 1 or (step % STOP_CHECK == 0 and finished and finished[-1]):
             break
         logits = decoder.step(nxt)
-    return torch.cat(tokens, dim=1)
+    new = torch.cat(tokens, dim=1)
+    if finished:  # end at the step where the last row stopped, as a check at every step would
+        stopped = torch.stack(finished).nonzero()
+        new = new[:, : int(stopped[0, 0]) + 1] if stopped.numel() else new
+    return torch.cat([input_ids, new], dim=1)

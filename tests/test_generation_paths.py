@@ -63,11 +63,12 @@ def test_graph_path_samples_with_a_seed_stops_and_streams(students, layout):
     assert torch.equal(torch.stack(streamed, 1), one[:, prompt.shape[1] :])
     if layout == 0:  # the same arithmetic off CUDA: the same draws as the eager path
         assert torch.equal(one, sample("eager", 5))
-    greedy = generate(model, prompt[:1], max_new_tokens=6, eos_token_id=[], decode="graph")
+    greedy = generate(model, prompt[:1], max_new_tokens=12, eos_token_id=[], decode="graph")
     new = greedy[0, prompt.shape[1] :].tolist()
-    stop = new[2]
-    stopped = generate(model, prompt[:1], max_new_tokens=6, eos_token_id=stop, decode="graph")
-    assert torch.equal(stopped, greedy[:, : prompt.shape[1] + new.index(stop) + 1])
+    for stop in (new[2], new[10]):  # checked every STOP_CHECK steps, cut where it stopped
+        for path in ("graph", "eager"):
+            out = generate(model, prompt[:1], max_new_tokens=12, eos_token_id=stop, decode=path)
+            assert torch.equal(out, greedy[:, : prompt.shape[1] + new.index(stop) + 1]), path
 
 
 def test_rows_that_stop_early_are_padded_on_both_paths(students):

@@ -32,8 +32,9 @@ from .output import emit_json, err
 
 
 class _Streamer:
-    """Collects the answer's ids and the time of each token; when echoing, decodes the growing
-    answer and writes only the new text (whole characters only)."""
+    """When echoing, decodes the growing answer and writes only the new text (whole characters
+    only). Otherwise it only notes when the first token is ready: reading a token waits for
+    the GPU, and a wait per token would slow the decode it measures."""
 
     def __init__(self, tokenizer, stop_ids: list[int], echo: bool) -> None:
         self.tokenizer = tokenizer
@@ -45,6 +46,8 @@ class _Streamer:
         self.times: list[float] = []
 
     def __call__(self, token: torch.Tensor) -> None:
+        if not self.echo and self.times:
+            return
         value = int(token[0])
         self.times.append(time.perf_counter())
         if self.stopped or value in self.stop_ids:
@@ -59,19 +62,19 @@ class _Streamer:
             sys.stdout.flush()
             self.printed = text
 
-    @property
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    def answer(self, new_ids: list[int]) -> str:
+        """The answer's text: ``new_ids`` up to the first stop id."""
+        stop = next((i for i, t in enumerate(new_ids) if t in self.stop_ids), len(new_ids))
+        return self.tokenizer.decode(new_ids[:stop], skip_special_tokens=True)
 
-    def timing(self, start: float) -> dict:
+    def timing(self, start: float, end: float, steps: int) -> dict:
         """Seconds to the first token (decoder set-up and prefill) and the decode rate after it
-        (tokens per second over the steps that followed; ``None`` with fewer than two)."""
-        first = self.times[0] - start if self.times else None
-        steps = len(self.times) - 1
-        span = self.times[-1] - self.times[0] if steps > 0 else 0.0
+        (the ``steps - 1`` later tokens per second until ``end``; ``None`` with fewer)."""
+        first = self.times[0] if self.times else None
+        span = end - first if first is not None and steps > 1 else 0.0
         return {
-            "first_token_seconds": round(first, 4) if first is not None else None,
-            "decode_tokens_per_s": round(steps / span, 2) if span > 0 else None,
+            "first_token_seconds": round(first - start, 4) if first is not None else None,
+            "decode_tokens_per_s": round((steps - 1) / span, 2) if span > 0 else None,
         }
 
 
@@ -201,8 +204,9 @@ def generate_command(
         decode="eager" if eager else "auto",
         compile=compile_step,
     )
-    seconds = time.perf_counter() - start
-    new_tokens = out.shape[1] - len(ids)
+    new_ids = out[0, len(ids) :].tolist()  # waits for the last step
+    end = time.perf_counter()
+    seconds, new_tokens, text = end - start, len(new_ids), streamer.answer(new_ids)
     if as_json:
         emit_json(
             {
@@ -210,17 +214,17 @@ def generate_command(
                 "layout": describe(model),
                 "prompt": prompt,
                 "images": [str(p) for p in images],
-                "text": streamer.text,
+                "text": text,
                 "prompt_tokens": len(ids),
                 "new_tokens": new_tokens,
                 "seconds": round(seconds, 3),
                 "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else None,
-                **streamer.timing(start),
+                **streamer.timing(start, end, new_tokens),
                 "decode": resolve_path(model, "eager" if eager else "auto"),
             }
         )
     else:
-        sys.stdout.write(streamer.text[len(streamer.printed) :] + "\n")
+        sys.stdout.write(text[len(streamer.printed) :] + "\n")
         sys.stdout.flush()
         err.print(
             f"[dim]{new_tokens} tokens in {seconds:.2f} s ({describe(model)})[/]", highlight=False
