@@ -152,6 +152,12 @@ def generate_command(
     raw: bool = typer.Option(False, "--raw", help="Feed the prompt as is (no chat template)."),
     dtype: str = typer.Option("float32", help=DTYPE_HELP),
     device: str = typer.Option("cpu", help=DEVICE_HELP),
+    prefill_chunk: int = typer.Option(
+        8192,
+        "--prefill-chunk",
+        min=0,
+        help="Prefill the prompt in chunks of N tokens (0: one pass).",
+    ),
     eager: bool = typer.Option(
         False, "--eager", help="The eager reference path (CUDA otherwise replays a captured step)."
     ),
@@ -201,6 +207,7 @@ def generate_command(
         eos_token_id=stop_ids,
         generator=generator,
         streamer=streamer,
+        prefill_chunk_size=prefill_chunk or None,
         decode="eager" if eager else "auto",
         compile=compile_step,
     )
