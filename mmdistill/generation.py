@@ -9,8 +9,9 @@ Two decode paths give the same tokens (``decode``):
   (:class:`~mmdistill.graph_decode.GraphDecoder`), with a static KV cache for attention layers
   sized from the request (prompt plus new tokens, rounded up to a power of two so later
   requests reuse it). Sampling, stop tokens and streaming run between replays on the step's
-  logits. The decoder is captured once per model, task, batch size and cache size and kept on
-  the model for later calls in the process (``compile=True`` compiles the step with
+  logits. The decoder is captured once per model, task and batch size and kept on the model
+  for later calls in the process; a request longer than its KV cache replaces it with a larger
+  one (``compile=True`` compiles the step with
   ``torch.compile`` before capturing it: a one-time cost of tens of seconds to minutes for a
   faster step). Off CUDA, ``graph`` runs the same step without capturing it (what the CPU tests
   check).
@@ -44,8 +45,11 @@ STOP_CHECK = 8
 
 
 class _KeptDecoders(dict):
-    """The graph decoders kept on a model; a copy of the model starts with none (its weights
-    are other tensors than the ones the graphs were captured on)."""
+    """The graph decoders kept on a model, keyed by task, batch and compilation, with the
+    weights they were captured on (``weights``: their storage addresses). A copy of the model
+    starts with none (its weights are other tensors)."""
+
+    weights: tuple[int, ...] = ()
 
     def __deepcopy__(self, memo) -> _KeptDecoders:
         return _KeptDecoders()
@@ -59,23 +63,27 @@ def _capacity(needed: int) -> int:
 def _graph_decoder(model: DecoderLM, batch: int, needed: int, compile: bool) -> GraphDecoder:
     """A graph decoder for ``model`` from the ones kept on it, captured now if none fits.
 
-    Kept decoders are keyed by task, batch, cache size and compilation, and dropped when the
-    model's weights move (a replayed graph reads the storage it was captured on)."""
-    capacity = _capacity(needed) if attention_layers(model) else None
+    One decoder is kept per task, batch and compilation (at most ``KEPT_DECODERS``, the oldest
+    dropped first). With attention layers it is replaced by a larger one when a request needs
+    more than its KV cache holds, so caches only grow. All are dropped when the model's weights
+    move: a replayed graph reads the storage it was captured on."""
     weights = tuple(p.data_ptr() for p in model.parameters())
     kept = model.__dict__.setdefault("_graph_decoders", _KeptDecoders())
-    if kept.get("weights") != weights:
+    if kept.weights != weights:
         kept.clear()
-        kept["weights"] = weights
-    key = (model.task, batch, capacity, compile)
-    if key not in kept:
-        if len(kept) > KEPT_DECODERS:
-            kept.pop(next(k for k in kept if k != "weights"))
+        kept.weights = weights
+    key = (model.task, batch, compile)
+    decoder = kept.pop(key, None)
+    room = None if decoder is None else decoder.cache.max_length
+    if decoder is None or (room is not None and room < needed):
+        del decoder  # its cache and graph are freed before the new capture
+        if len(kept) >= KEPT_DECODERS:
+            kept.pop(next(iter(kept)))
+        capacity = _capacity(needed) if attention_layers(model) else None
         capture = model.device.type == "cuda"
-        kept[key] = GraphDecoder(
-            model, batch, compile=compile, max_length=capacity, capture=capture
-        )
-    return kept[key]
+        decoder = GraphDecoder(model, batch, compile=compile, max_length=capacity, capture=capture)
+    kept[key] = decoder  # now the newest
+    return decoder
 
 
 def resolve_path(model: DecoderLM, decode: str, attention_mask: torch.Tensor | None = None) -> str:

@@ -85,21 +85,26 @@ def test_rows_that_stop_early_are_padded_on_both_paths(students):
     assert (outs[0][0, ends + 1 :] == 0).all() and outs[0].shape[1] > ends + 1
 
 
-def test_decoders_are_kept_per_batch_and_dropped_when_weights_move(llama_teacher):
+def test_decoders_are_kept_per_batch_grow_and_are_dropped_when_weights_move(llama_teacher):
     model = mmdistill.seed(llama_teacher, attention_layers="every:2")
     generate(model, _prompt(rows=2), max_new_tokens=3, decode="graph")
     kept = model.__dict__["_graph_decoders"]
-    first = [v for k, v in kept.items() if k != "weights"]
+    first = kept[(None, 2, False)]
+    assert first.cache.max_length == 256
     generate(model, _prompt(rows=2, seed=1), max_new_tokens=4, decode="graph")
-    assert [v for k, v in kept.items() if k != "weights"] == first  # reused
+    assert list(kept.values()) == [first]  # reused
     generate(model, _prompt(rows=1), max_new_tokens=3, decode="graph")
-    assert len(kept) == 3  # weights + two batch sizes
-    assert "_graph_decoders" not in copy.deepcopy(model).__dict__ or not any(
-        k != "weights" for k in copy.deepcopy(model).__dict__["_graph_decoders"]
-    )
+    assert sorted(k[1] for k in kept) == [1, 2]
+    long = torch.randint(0, 101, (1, 300), generator=torch.Generator().manual_seed(2))
+    generate(model, long, max_new_tokens=3, decode="graph")
+    grown = kept[(None, 1, False)]
+    assert grown.cache.max_length == 512 and len(kept) == 2  # replaced, not added
+    generate(model, _prompt(rows=1), max_new_tokens=3, decode="graph")
+    assert kept[(None, 1, False)] is grown  # a short request fits the larger cache
+    assert not copy.deepcopy(model).__dict__["_graph_decoders"]
     model.double()
     out = generate(model, _prompt(rows=1), max_new_tokens=3, decode="graph", eos_token_id=[])
-    assert len(kept) == 2 and next(v for k, v in kept.items() if k != "weights").model is model
+    assert len(kept) == 1 and next(iter(kept.values())).model is model
     ref = generate(model, _prompt(rows=1), max_new_tokens=3, decode="eager", eos_token_id=[])
     assert torch.equal(out, ref)
 
@@ -114,6 +119,5 @@ def test_each_task_gets_its_own_decoder(hovle):
         eager = generate(model, prompt, max_new_tokens=5, eos_token_id=[], decode="eager")
         assert torch.equal(graph, eager), task
         outs[task] = graph
-    keys = [k for k in model.__dict__["_graph_decoders"] if k != "weights"]
-    assert sorted(k[0] for k in keys) == ["mmu", "t2i"]
+    assert sorted(k[0] for k in model.__dict__["_graph_decoders"]) == ["mmu", "t2i"]
     assert not torch.equal(outs["mmu"], outs["t2i"])  # the adapters differ
