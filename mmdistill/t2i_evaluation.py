@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from .checkpoint import IMAGE_TOKENIZER_DIR
@@ -23,9 +24,18 @@ from .data.captions import read_caption_file
 from .data.shapes_t2i import score_images
 from .errors import CheckpointError
 from .files import atomic_write_bytes
+from .generation import DECODE_PATHS
+from .graph_decode import attention_layers, unsupported
 from .image_tokenizer import load_image_tokenizer
 from .model import DecoderLM, load_student
-from .t2i_generation import Sampling, check_t2i_student, generate_codes
+from .t2i_generation import (
+    GeneratedCodes,
+    Sampling,
+    batch_prompts,
+    check_t2i_student,
+    generate_codes,
+)
+from .t2i_graph import ImageGraphDecoder
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -60,6 +70,48 @@ def load_t2i_student(directory: str | Path, dtype=None, device="cpu") -> T2IStud
     return T2IStudent(model, load_tokenizer(directory), images)
 
 
+def image_decode_path(model: DecoderLM, captions: list[list[int]], sampling: Sampling) -> str:
+    """``graph`` or ``eager``: the path ``sampling.decode`` takes for ``captions``. The
+    captured step is greedy and unguided; through attention layers its prompts must not be
+    padded (captions of equal token length).
+
+    Raises:
+        ValueError: an unknown path, or ``graph`` for a request it cannot decode.
+    """
+    if sampling.decode not in DECODE_PATHS:
+        raise ValueError(
+            f"decode must be one of {', '.join(DECODE_PATHS)}; got {sampling.decode!r}"
+        )
+    reason = None
+    if sampling.temperature > 0 or sampling.cfg_scale > 0:
+        reason = "sampling or guidance (its step is greedy and unguided)"
+    reason = reason or unsupported(model, padded=len({len(c) for c in captions}) > 1)
+    if sampling.decode == "graph" and reason:
+        raise ValueError(f"the captured t2i step does not support {reason}; use decode='eager'")
+    if sampling.decode == "eager" or (sampling.decode == "auto" and reason):
+        return "eager"
+    return "graph" if sampling.decode == "graph" or model.device.type == "cuda" else "eager"
+
+
+@torch.no_grad()
+def image_codes(
+    model: DecoderLM, captions: list[list[int]], sampling: Sampling | None = None
+) -> GeneratedCodes:
+    """One image's codes per caption: :func:`~mmdistill.t2i_generation.generate_codes`, or the
+    step replayed from a CUDA graph (:class:`~mmdistill.t2i_graph.ImageGraphDecoder`; off CUDA
+    the same step run eagerly) where :func:`image_decode_path` says ``graph``."""
+    sampling = sampling or Sampling()
+    check_t2i_student(model)
+    if image_decode_path(model, captions, sampling) == "eager":
+        return generate_codes(model, captions, sampling)
+    ids, mask = batch_prompts(model, captions, guided=False)
+    codes = model.image_vocab.spec.codes_per_image
+    capacity = ids.shape[1] + codes if attention_layers(model) else None
+    capture = model.device.type == "cuda"
+    decoder = ImageGraphDecoder(model, len(captions), max_length=capacity, capture=capture)
+    return decoder.generate(decoder.prefill(ids, mask))
+
+
 def generate_images(
     student: T2IStudent,
     captions: list[str],
@@ -72,7 +124,7 @@ def generate_images(
     images, crossed = [], 0
     for start in range(0, len(captions), batch_size):
         chunk = [student.caption_ids(c) for c in captions[start : start + batch_size]]
-        out = generate_codes(student.model, chunk, sampling)
+        out = image_codes(student.model, chunk, sampling)
         images.extend(student.images.decode_images(out.codes))
         crossed += out.crossed
         if progress is not None:

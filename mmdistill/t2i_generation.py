@@ -34,12 +34,17 @@ class GeneratedCodes:
 
 @dataclass
 class Sampling:
-    """Greedy (``temperature`` 0) or sampled decoding with optional top-k and guidance."""
+    """Greedy (``temperature`` 0) or sampled decoding with optional top-k and guidance.
+
+    ``decode`` is the path (:mod:`mmdistill.generation`'s ``auto``, ``graph`` or ``eager``):
+    ``auto`` replays a captured step on CUDA for greedy decoding without guidance
+    (:func:`mmdistill.t2i_evaluation.image_codes`)."""
 
     temperature: float = 0.0
     top_k: int = 0
     cfg_scale: float = 0.0
     generator: torch.Generator | None = None
+    decode: str = "auto"
 
 
 def check_t2i_student(model: DecoderLM) -> None:
@@ -51,7 +56,7 @@ def check_t2i_student(model: DecoderLM) -> None:
         )
 
 
-def _batch_prompts(model: DecoderLM, captions: list[list[int]], guided: bool):
+def batch_prompts(model: DecoderLM, captions: list[list[int]], guided: bool):
     """Left-padded prompt ids and mask; unconditional twins appended when ``guided``."""
     spec = model.image_vocab.spec
     rows = [t2i_prompt(spec, ids) for ids in captions]
@@ -87,7 +92,7 @@ def generate_codes(
     spec = model.image_vocab.spec
     model.use_task("t2i")
     n, guided = len(captions), sampling.cfg_scale > 0
-    ids, mask = _batch_prompts(model, captions, guided)
+    ids, mask = batch_prompts(model, captions, guided)
     cache = model.new_cache(ids.shape[0])
     logits = prefill(model, cache, ids, attention_mask=mask, head="image")
     first_code = spec.text_vocab_size if spec.mode == "shared" else 0

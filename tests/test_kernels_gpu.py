@@ -544,6 +544,23 @@ def test_t2i_graph_decode_gives_the_codes_of_generate_codes(layout):
     assert torch.equal(replicated, want[1:].expand_as(replicated))
 
 
+@pytest.mark.parametrize("layout", ["none", "every:2"])
+def test_default_t2i_decoding_on_cuda_is_captured_and_equals_the_reference(layout):
+    """``image_codes`` with default sampling replays the captured step on CUDA (greedy, no
+    guidance) and gives the reference loop's codes; padded captions through attention use the
+    reference loop."""
+    from mmdistill.t2i_evaluation import image_codes, image_decode_path
+    from mmdistill.t2i_generation import Sampling
+
+    model = _random_lora_t2i_student(layout)
+    for captions in ([[5, 17, 33, 9], [41, 2, 8, 100]], [[5, 17, 33, 9], [41, 2]]):
+        path = image_decode_path(model, captions, Sampling())
+        padded = len({len(c) for c in captions}) > 1
+        assert path == ("eager" if padded and layout != "none" else "graph")
+        got = image_codes(model, captions).codes
+        assert torch.equal(got, image_codes(model, captions, Sampling(decode="eager")).codes)
+
+
 def _random_lora_t2i_student(layout):
     """A tiny seeded student with an image vocabulary and random (non-zero) t2i adapters."""
     from mmdistill.image_vocab import ImageVocabSpec

@@ -63,3 +63,35 @@ def test_replicated_prompt_and_the_decoders_limits(hovle):
     model.use_task("mmu")
     with pytest.raises(ValueError, match="captured for task 't2i'"):
         decoder.replay()
+
+
+def test_image_codes_takes_the_graph_path_where_it_can(hovle):
+    """``image_codes``: the captured step (run eagerly on CPU) gives the reference loop's codes,
+    for a hybrid with captions of equal length and a linear student with padded ones; sampling,
+    guidance and padding through attention take the reference loop (an error when the graph
+    path is forced)."""
+    from mmdistill import seed
+    from mmdistill.image_vocab import ImageVocabSpec
+    from mmdistill.omni_student import add_image_vocabulary
+    from mmdistill.t2i_evaluation import image_codes, image_decode_path
+    from mmdistill.t2i_generation import Sampling
+    from mmdistill.task_lora import LoraSpec
+
+    hybrid = _student(hovle)
+    linear = seed(hovle, attention_layers="none", seed=0).float()
+    spec = ImageVocabSpec(linear.config.vocab_size, 32, 4, embed_dim=16)
+    linear = add_image_vocabulary(linear, spec, LoraSpec(dropout=0.0), seed=1).eval()
+    padded = [[20, 31, 42], [50, 61]]
+    graph, eager = Sampling(decode="graph"), Sampling(decode="eager")
+    for model, captions in ((hybrid, CAPTIONS), (linear, padded)):
+        assert image_decode_path(model, captions, Sampling()) == "eager"  # CPU
+        got = image_codes(model, captions, graph)
+        assert torch.equal(got.codes, image_codes(model, captions, eager).codes)
+    assert image_decode_path(hybrid, padded, Sampling(decode="auto")) == "eager"
+    for sampling, captions in (
+        (Sampling(decode="graph", cfg_scale=2.0), CAPTIONS),
+        (Sampling(decode="graph", temperature=1.0), CAPTIONS),
+        (graph, padded),
+    ):
+        with pytest.raises(ValueError, match="captured t2i step does not support"):
+            image_decode_path(hybrid, captions, sampling)

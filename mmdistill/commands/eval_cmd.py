@@ -120,7 +120,7 @@ def t2i_table(name: str, result: dict) -> Table:
 
 
 def eval_t2i(
-    student: str, files: list[Path], cfg_scale: float, save_images: Path | None, device: str
+    student: str, files: list[Path], sampling: Sampling, save_images: Path | None, device: str
 ) -> dict:
     """Score the student's images for each caption file (tables on stderr); the report."""
     with err.status(f"loading student {student}"):
@@ -128,7 +128,7 @@ def eval_t2i(
     report: dict[str, Any] = {"status": "ok", "student_source": student, "task": "t2i", "files": []}
     for path in files:
         with err.status(f"drawing the captions of {path}"):
-            result, images, _ = evaluate_t2i(model, path, Sampling(cfg_scale=cfg_scale))
+            result, images, _ = evaluate_t2i(model, path, sampling)
         report["files"].append({"path": str(path), **result})
         err.print(t2i_table(path.name, result))
         for i, image in enumerate(images if save_images is not None else []):
@@ -179,7 +179,7 @@ def eval_command(
     device: str = typer.Option("cpu", help=DEVICE_HELP),
     gate: list[str] | None = typer.Option(None, "--gate", help=GATE_HELP),
     eager: bool = typer.Option(
-        False, "--eager", help="Answer on the eager reference path (no captured CUDA graph)."
+        False, "--eager", help="Decode on the eager reference path (no captured CUDA graph)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
@@ -197,7 +197,8 @@ def eval_command(
         if not files:
             raise DataError("--task t2i: give caption files (--data captions.jsonl)")
         require_files(files, "data")
-        report = eval_t2i(student, files, cfg_scale, save_images, str(resolve_device(device)))
+        sampling = Sampling(cfg_scale=cfg_scale, decode="eager" if eager else "auto")
+        report = eval_t2i(student, files, sampling, save_images, str(resolve_device(device)))
         if as_json:
             emit_json(report)
         return

@@ -175,7 +175,7 @@ def generate_command(
         if out is None:
             raise typer.BadParameter("--task t2i writes images: give --out FILE.png")
         generator = torch.Generator(device=device).manual_seed(seed)
-        sampling = Sampling(temperature, top_k, cfg_scale, generator)
+        sampling = Sampling(temperature, top_k, cfg_scale, generator, "eager" if eager else "auto")
         report = generate_t2i(model_dir, prompt, out, num_images, sampling, device)
         if as_json:
             emit_json(report)
