@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from mmdistill.files import read_safetensors
 from mmdistill.image_tokenizer import ImageTokenizer, VQConfig, VQModel
@@ -166,3 +167,31 @@ def test_resuming_a_run_killed_after_its_last_stage_writes_a_whole_student(
     assert len(images) == 1 and crossed == 0
     first = read_safetensors(Path(report["student_dir"]))
     assert read_safetensors(Path(resumed["student_dir"])).keys() == first.keys()
+
+
+def test_the_cli_draws_on_either_decode_path(trained, tmp_path, monkeypatch, capfd):
+    """``generate --task t2i``, default and ``--eager``: on CPU both are the reference loop,
+    so the images agree (the fixture's 8-px images are too small for the shapes checker of
+    ``eval --task t2i``)."""
+    _, report = trained
+    student = report["student_dir"]
+    caption = "a large red circle in the top left."
+    pngs = []
+    for extra in ([], ["--eager"]):
+        out = tmp_path / f"img{len(pngs)}.png"
+        code, _, err = run_cli(
+            monkeypatch,
+            capfd,
+            "generate",
+            student,
+            "--task",
+            "t2i",
+            "-p",
+            caption,
+            "--out",
+            str(out),
+            *extra,
+        )
+        assert code == 0, err
+        pngs.append(out.read_bytes())
+    assert pngs[0] == pngs[1]
