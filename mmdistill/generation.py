@@ -67,11 +67,9 @@ def _graph_decoder(model: DecoderLM, batch: int, needed: int, compile: bool) -> 
     dropped first). With attention layers it is replaced by a larger one when a request needs
     more than its KV cache holds, so caches only grow. All are dropped when the model's weights
     move: a replayed graph reads the storage it was captured on."""
-    weights = tuple(p.data_ptr() for p in model.parameters())
     kept = model.__dict__.setdefault("_graph_decoders", _KeptDecoders())
-    if kept.weights != weights:
+    if kept.weights != _weights(model):
         kept.clear()
-        kept.weights = weights
     key = (model.task, batch, compile)
     decoder = kept.pop(key, None)
     room = None if decoder is None else decoder.cache.max_length
@@ -83,7 +81,12 @@ def _graph_decoder(model: DecoderLM, batch: int, needed: int, compile: bool) -> 
         capture = model.device.type == "cuda"
         decoder = GraphDecoder(model, batch, compile=compile, max_length=capacity, capture=capture)
     kept[key] = decoder  # now the newest
+    kept.weights = _weights(model)  # after the capture packed the mixers' projections
     return decoder
+
+
+def _weights(model: DecoderLM) -> tuple[int, ...]:
+    return tuple(p.data_ptr() for p in model.parameters())
 
 
 def resolve_path(model: DecoderLM, decode: str, attention_mask: torch.Tensor | None = None) -> str:

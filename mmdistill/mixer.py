@@ -295,6 +295,8 @@ class Mamba2Mixer(nn.Module):
         mods = self._in_modules()
         if any(hasattr(m, "base_layer") for m in mods):
             return  # LoRA adapters: each projection runs its own forward (_packed_in_proj)
+        if self._packed_weight is not None:
+            return  # packed already: a graph captured on this buffer must keep reading it
         weight = torch.cat([m.weight for m in mods])
         bias = None
         if self.config.qkv_bias:

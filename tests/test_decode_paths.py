@@ -50,6 +50,9 @@ def test_packed_projections_same_outputs_and_gradients(bias):
     m.pack_projections()
     assert m._packed_weight is not None
     assert m.x_proj.weight.data_ptr() == m._packed_weight[m.z_proj.out_features :].data_ptr()
+    ptrs = [p.data_ptr() for p in m.parameters()]
+    m.pack_projections()  # again: the same buffer (a captured graph keeps reading it)
+    assert [p.data_ptr() for p in m.parameters()] == ptrs
     with torch.no_grad():
         torch.testing.assert_close(m(u), before, rtol=0, atol=0)
     m(u).sum().backward()  # training still reaches every parameter

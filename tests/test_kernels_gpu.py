@@ -356,8 +356,10 @@ def test_captured_generation_samples_with_a_seed_and_decodes_padded_batches():
             streamer=streamed.append,
             **kw,
         )
+        kept = dict(model.__dict__["_graph_decoders"])
         two = generate(model, prompt, generator=torch.Generator(CUDA).manual_seed(3), **kw)
         assert torch.equal(one, two)
+        assert dict(model.__dict__["_graph_decoders"]) == kept  # reused, not captured again
         assert torch.equal(torch.stack(streamed, 1), one[:, prompt.shape[1] :])
     mask = torch.ones_like(prompt)
     mask[1, :5] = 0
