@@ -125,7 +125,8 @@ class CodePositions(nn.Module):
         self.kind, self.grid = kind, grid
         first, second = position_tables(kind, grid)
         self.first = first
-        self.weight = nn.Parameter(torch.zeros(first + second, width))
+        self.weight = nn.Parameter(torch.empty(first + second, width))
+        nn.init.normal_(self.weight)  # as nn.Embedding: the same draws from the global RNG
 
     def indices(self, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows of ``weight`` for raster indices ``where``: the first index, the second (offset)."""

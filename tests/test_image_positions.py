@@ -83,3 +83,16 @@ def test_a_student_saves_and_loads_its_position_kind(hovle, tmp_path):
     torch.testing.assert_close(
         loaded.image_vocab.position.weight, student.image_vocab.position.weight
     )
+
+
+def test_raster_draws_its_initial_table_as_nn_embedding_did():
+    """Students and the demo's numbers stay reproducible: the raster table takes the same draws
+    from the global generator as the ``nn.Embedding`` it replaced, and leaves it in the same
+    state."""
+    torch.manual_seed(0)
+    positions = CodePositions("raster", GRID, WIDTH)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(GRID * GRID, WIDTH)
+    torch.testing.assert_close(positions.weight, embedding.weight, rtol=0, atol=0)
+    torch.testing.assert_close(after, torch.rand(3), rtol=0, atol=0)
