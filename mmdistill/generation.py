@@ -12,8 +12,8 @@ Two decode paths give the same tokens (``decode``):
   logits. The decoder is captured once per model, task and batch size and kept on the model
   for later calls in the process; a request longer than its KV cache replaces it with a larger
   one (``compile=True`` compiles the step with
-  ``torch.compile`` before capturing it: a one-time cost of tens of seconds to minutes for a
-  faster step). Off CUDA, ``graph`` runs the same step without capturing it (what the CPU tests
+  ``torch.compile`` before capturing it: a faster step for a one-time cost, measured in
+  docs/evaluation.md). Off CUDA, ``graph`` runs the same step without capturing it (what the CPU tests
   check).
 * ``eager``, the reference and what CPU uses: one forward per token through the model's
   growing cache (:class:`~mmdistill.cached_forward.EagerDecoder`).
