@@ -89,22 +89,27 @@ def _weights(model: DecoderLM) -> tuple[int, ...]:
     return tuple(p.data_ptr() for p in model.parameters())
 
 
-def resolve_path(model: DecoderLM, decode: str, attention_mask: torch.Tensor | None = None) -> str:
-    """``graph`` or ``eager``: the path ``decode`` (``auto``/``graph``/``eager``) takes for
-    ``model`` and a prompt with ``attention_mask`` (module docstring).
+def choose_path(decode: str, reason: str | None, on_cuda: bool) -> str:
+    """``graph`` or ``eager``: where path ``decode`` (``auto``/``graph``/``eager``) goes, given
+    why the captured step cannot serve the request (``reason``; ``None`` when it can).
 
     Raises:
-        ValueError: an unknown path, or ``graph`` for a model or prompt it cannot decode.
+        ValueError: an unknown path, or ``graph`` with a ``reason``.
     """
     if decode not in DECODE_PATHS:
         raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}; got {decode!r}")
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    reason = unsupported(model, padded)
     if decode == "graph" and reason:
-        raise ValueError(f"the graph decode path does not support {reason}; use decode='eager'")
-    if decode == "eager" or (decode == "auto" and (reason or model.device.type != "cuda")):
+        raise ValueError(f"the captured decode step does not support {reason}; use decode='eager'")
+    if decode == "eager" or (decode == "auto" and (reason or not on_cuda)):
         return "eager"
     return "graph"
+
+
+def resolve_path(model: DecoderLM, decode: str, attention_mask: torch.Tensor | None = None) -> str:
+    """:func:`choose_path` for text generation with ``model`` and a prompt with
+    ``attention_mask`` (module docstring)."""
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    return choose_path(decode, unsupported(model, padded), model.device.type == "cuda")
 
 
 def choose_decoder(

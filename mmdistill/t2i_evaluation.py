@@ -24,7 +24,7 @@ from .data.captions import read_caption_file
 from .data.shapes_t2i import score_images
 from .errors import CheckpointError
 from .files import atomic_write_bytes
-from .generation import DECODE_PATHS
+from .generation import choose_path
 from .graph_decode import attention_layers, unsupported
 from .image_tokenizer import load_image_tokenizer
 from .model import DecoderLM, load_student
@@ -78,19 +78,11 @@ def image_decode_path(model: DecoderLM, captions: list[list[int]], sampling: Sam
     Raises:
         ValueError: an unknown path, or ``graph`` for a request it cannot decode.
     """
-    if sampling.decode not in DECODE_PATHS:
-        raise ValueError(
-            f"decode must be one of {', '.join(DECODE_PATHS)}; got {sampling.decode!r}"
-        )
     reason = None
     if sampling.temperature > 0 or sampling.cfg_scale > 0:
-        reason = "sampling or guidance (its step is greedy and unguided)"
+        reason = "sampling or guidance (the t2i step is greedy and unguided)"
     reason = reason or unsupported(model, padded=len({len(c) for c in captions}) > 1)
-    if sampling.decode == "graph" and reason:
-        raise ValueError(f"the captured t2i step does not support {reason}; use decode='eager'")
-    if sampling.decode == "eager" or (sampling.decode == "auto" and reason):
-        return "eager"
-    return "graph" if sampling.decode == "graph" or model.device.type == "cuda" else "eager"
+    return choose_path(sampling.decode, reason, model.device.type == "cuda")
 
 
 @torch.no_grad()

@@ -93,5 +93,5 @@ def test_image_codes_takes_the_graph_path_where_it_can(hovle):
         (Sampling(decode="graph", temperature=1.0), CAPTIONS),
         (graph, padded),
     ):
-        with pytest.raises(ValueError, match="captured t2i step does not support"):
+        with pytest.raises(ValueError, match="captured decode step does not support"):
             image_decode_path(hybrid, captions, sampling)
