@@ -59,7 +59,7 @@ def random_model(
     device = torch.device(device)
     model = build_on(lambda: DecoderLM(config), device, dtype, seed)
     for rotary in model.rotary:  # RoPE frequencies stay float32
-        rotary.inv_freq = rotary._inv_freq(rotary.config.rope_theta).to(device)
+        rotary.reset_frequencies(device)
     model.requires_grad_(False)
     return model.eval()
 

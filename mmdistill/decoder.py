@@ -149,7 +149,17 @@ class Rotary(nn.Module):
             "original_max_position_embeddings", config.max_position_embeddings
         )
         self.attention_factor = self._attention_factor()
-        self.register_buffer("inv_freq", self._inv_freq(config.rope_theta), persistent=False)
+        self.reset_frequencies()
+
+    def reset_frequencies(self, device=None) -> None:
+        """(Re)build the float32 frequency buffers, whatever the weights' dtype, on ``device``
+        (e.g. after a model was built on the meta device): ``inv_freq``, and for LongRoPE
+        ``long_inv_freq``, the frequencies past ``original_max_position_embeddings``."""
+        theta = self.config.rope_theta
+        self.register_buffer("inv_freq", self._inv_freq(theta).to(device), persistent=False)
+        if self.rope_type == "longrope":
+            long = self._inv_freq(theta, long=True).to(device)
+            self.register_buffer("long_inv_freq", long, persistent=False)
 
     def _attention_factor(self) -> float:
         s, kind = self.scaling, self.rope_type
@@ -235,7 +245,7 @@ class Rotary(nn.Module):
         elif self.rope_type == "dynamic":
             inv = self._dynamic_inv_freq(positions.max() + 1, inv)
         elif self.rope_type == "longrope":
-            long = self._inv_freq(self.config.rope_theta, long=True).to(positions.device)
+            long = self.long_inv_freq.to(positions.device)
             inv = torch.where(positions.max() + 1 > self.original_max, long, inv)
         freqs = pos[..., None] * inv
         emb = torch.cat([freqs, freqs], dim=-1)

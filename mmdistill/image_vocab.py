@@ -125,6 +125,7 @@ class CodePositions(nn.Module):
         self.kind, self.grid = kind, grid
         first, second = position_tables(kind, grid)
         self.first = first
+        self.tile = int(kind.removeprefix("tile:")) if kind.startswith("tile:") else None
         self.weight = nn.Parameter(torch.empty(first + second, width))
         nn.init.normal_(self.weight)  # as nn.Embedding: the same draws from the global RNG
 
@@ -135,7 +136,7 @@ class CodePositions(nn.Module):
         row, col = where // self.grid, where % self.grid
         if self.kind == "rowcol":
             return row, self.first + col
-        tile = int(self.kind.removeprefix("tile:"))
+        tile = self.tile
         per_row = self.grid // tile
         outer = (row // tile) * per_row + col // tile
         return outer, self.first + (row % tile) * tile + col % tile
@@ -152,8 +153,8 @@ class ImageVocabulary(nn.Module):
     """Embeddings of the layout tokens and image codes, and the image head.
 
     Parameters: ``layout`` (5 x hidden), ``embed`` (K x embed_dim; K x hidden when shared),
-    ``position`` (:class:`CodePositions`, the same width), ``projector`` (decoupled only: Linear, GELU, Linear),
-    ``head`` (K x hidden).
+    ``position`` (:class:`CodePositions`, the same width), ``projector`` (decoupled only:
+    Linear, GELU, Linear), ``head`` (K x hidden).
     """
 
     def __init__(self, spec: ImageVocabSpec, hidden_size: int):

@@ -364,7 +364,7 @@ def build_from_state_dict(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.front.token_embeddings().weight
     for rotary in model.rotary:
-        rotary.inv_freq = rotary._inv_freq(rotary.config.rope_theta)
+        rotary.reset_frequencies()
     if hasattr(model.front, "reset_buffers"):  # buffers no checkpoint holds (LLaVA's tower)
         model.front.reset_buffers()
     return model.eval()

@@ -43,8 +43,8 @@ def add_image_vocabulary(
     assert not unexpected and all(k.startswith("image_vocab.") for k in missing), missing
     if config.tie_word_embeddings:
         new.lm_head.weight = new.front.token_embeddings().weight
-    for rotary in new.rotary:  # float32, whatever the weights' dtype
-        rotary.inv_freq = rotary._inv_freq(rotary.config.rope_theta).to(student.device)
+    for rotary in new.rotary:
+        rotary.reset_frequencies(student.device)
     with torch.random.fork_rng(devices=[]):  # the projector's default init, from ``seed``
         torch.manual_seed(seed)
         vocab = ImageVocabulary(spec, config.hidden_size)
