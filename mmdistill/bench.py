@@ -141,7 +141,7 @@ class RowOptions:
     cuda_graph: bool = False
     compile: bool = False
     teacher_chunk: int | None = None
-    hybrid_chunk: int | None = None
+    hybrid_chunk: int | None = 8192
     linear_chunk: int | None = 8192
 
 

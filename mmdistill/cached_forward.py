@@ -52,17 +52,29 @@ def prefill(
     head: str = "text",
 ) -> torch.Tensor:
     """Feed a prompt into ``cache``; returns the last position's logits ``[b, vocab]`` from
-    ``head`` (``text`` or ``image``: :meth:`~mmdistill.model.DecoderLM.head_logits`)."""
-    if inputs_embeds is None:
+    ``head`` (``text`` or ``image``: :meth:`~mmdistill.model.DecoderLM.head_logits`).
+
+    With ``chunk_size``, the prompt goes through in chunks of that many tokens, so activation
+    memory is bounded by the chunk, not the prompt. A text-only prompt is embedded a chunk at a
+    time too (at 1M tokens the whole prompt's embeddings would take 4 GiB at width 2048 in bf16);
+    images, and image codes (whose positions count from the prompt's start), are embedded
+    whole first.
+    """
+    per_chunk = inputs_embeds is None and pixel_values is None and model.image_vocab is None
+    if inputs_embeds is None and not per_chunk:
         inputs_embeds = model.embed(input_ids, pixel_values)
-    length = inputs_embeds.shape[1]
+    length = (input_ids if per_chunk else inputs_embeds).shape[1]
     step = chunk_size or length
     logits = None
     for start in range(0, length, step):
         stop = min(start + step, length)
         mask = attention_mask[:, start:stop] if attention_mask is not None else None
+        if per_chunk:
+            embeds = model.embed(input_ids[:, start:stop])
+        else:
+            embeds = inputs_embeds[:, start:stop]
         out = model(
-            inputs_embeds=inputs_embeds[:, start:stop],
+            inputs_embeds=embeds,
             attention_mask=mask,
             cache=cache,
             logits_slice=slice(-1, None),

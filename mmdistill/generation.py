@@ -1,7 +1,9 @@
 """Autoregressive generation with the model's own cache: recurrent state for Mamba-2 layers,
 a KV cache for the attention layers that remain. Greedy, or sampling with temperature/top-k/
-top-p; stop tokens; streaming; left-padded batches; images. Long prompts can be prefilled in
-chunks so activation memory stays bounded.
+top-p; stop tokens; streaming; left-padded batches; images. Prompts are prefilled in chunks of
+``prefill_chunk_size`` tokens (8192 by default; ``None``: one pass), so activation memory stays
+bounded by the chunk, for attention layers too (each chunk after the first attends to the KV
+cache through SDPA's lower-right causal bias, keeping its fused kernels).
 
 Two decode paths give the same tokens (``decode``):
 
@@ -140,7 +142,7 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
-    prefill_chunk_size: int | None = None,
+    prefill_chunk_size: int | None = 8192,
     streamer: Callable[[torch.Tensor], None] | None = None,
     decode: str = "auto",
     compile: bool = False,

@@ -162,6 +162,26 @@ def test_static_kv_cache_matches_growing(tiny):
         assert s_cache.nbytes() > g_cache.nbytes()  # the buffers are preallocated in full
 
 
+def test_chunked_prefill_embeds_a_text_prompt_a_chunk_at_a_time(tiny, monkeypatch):
+    """No tensor the length of the prompt: a text prompt is embedded chunk by chunk, and the
+    hybrid's chunked prefill gives the one-pass logits."""
+    _, hybrid = tiny
+    ids = torch.randint(0, 256, (1, 21), generator=torch.Generator().manual_seed(1))
+    embedded = []
+    real = type(hybrid).embed
+
+    def recording(self, input_ids, *args, **kwargs):
+        embedded.append(input_ids.shape[1])
+        return real(self, input_ids, *args, **kwargs)
+
+    with torch.no_grad():
+        one_pass = prefill(hybrid, LMCache(hybrid, 1, ids.device, hybrid.dtype), ids)
+        monkeypatch.setattr(type(hybrid), "embed", recording)
+        chunked = prefill(hybrid, LMCache(hybrid, 1, ids.device, hybrid.dtype), ids, chunk_size=8)
+    assert embedded == [8, 8, 5]
+    torch.testing.assert_close(chunked, one_pass, rtol=1e-5, atol=1e-5)
+
+
 def test_static_kv_cache_full_and_select(tiny):
     teacher, _ = tiny
     ids = torch.randint(0, 256, (2, 12))

@@ -68,10 +68,9 @@ def bench_command(
         8192, "--prefill-chunk", help="All-Mamba students' prefill chunk in tokens (0: one pass)."
     ),
     hybrid_chunk: int = typer.Option(
-        0,
+        8192,
         "--hybrid-prefill-chunk",
-        help="Prefill chunk of students with attention layers (0: one pass). A chunk after the "
-        "first gives their attention an explicit mask, which SDPA runs without a fused GQA kernel.",
+        help="Prefill chunk of students with attention layers in tokens (0: one pass).",
     ),
     teacher_chunk: int = typer.Option(
         0, "--teacher-prefill-chunk", help="Teacher's prefill chunk in tokens (0: one pass)."
