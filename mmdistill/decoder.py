@@ -501,6 +501,39 @@ def softcapped_attention(
     return (scores.float().softmax(-1).to(q.dtype)) @ v
 
 
+class VocabLinear(nn.Linear):
+    """The LM head: ``nn.Linear`` whose output width, on CUDA for more than a few rows, is padded
+    to a multiple of :attr:`ALIGN` inside the matmul when it is not one (e.g. InternLM2's
+    92,553), then sliced back.
+
+    cuBLAS runs its Hopper kernels only on 16-byte-aligned leading dimensions; with an odd
+    vocabulary it falls back to sm75 kernels about 8x slower. At HoVLE-2.6B shapes (8192 tokens)
+    the three LM-head GEMMs of a stage-3 step took 87 of its 467 ms of GPU time
+    (``benchmarks/stages.py --profile``). Decode-sized inputs keep the plain call: the padding
+    copies the weight, which would cost a decode step more than the misaligned GEMV does.
+    """
+
+    ALIGN = 64
+    MIN_ROWS = 64
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.is_cuda and rows >= self.MIN_ROWS and self.out_features % self.ALIGN:
+            return padded_linear(x, self.weight, self.bias, self.ALIGN)
+        return F.linear(x, self.weight, self.bias)
+
+
+def padded_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, multiple: int
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed with the output width padded to ``multiple`` (zero
+    rows), returned as a view of the real columns; gradients flow to the unpadded tensors."""
+    pad = -weight.shape[0] % multiple
+    weight = F.pad(weight, (0, 0, 0, pad))
+    bias = F.pad(bias, (0, pad)) if bias is not None else None
+    return F.linear(x, weight, bias)[..., : weight.shape[0] - pad]
+
+
 class MLP(nn.Module):
     """Gated MLP: ``down(act(gate(x)) * up(x))``."""
 

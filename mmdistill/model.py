@@ -18,7 +18,15 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import read_student_config, save_pretrained
-from .decoder import AttnContext, DecoderLayer, RMSNorm, Rotary, mixer_config_for, new_layer_state
+from .decoder import (
+    AttnContext,
+    DecoderLayer,
+    RMSNorm,
+    Rotary,
+    VocabLinear,
+    mixer_config_for,
+    new_layer_state,
+)
 from .errors import CheckpointError
 from .files import read_safetensors
 from .frontends import front_end_class
@@ -140,7 +148,7 @@ class DecoderLM(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.rotary = nn.ModuleList(Rotary(s) for s in config.stacks)
         self.norm = RMSNorm(config.hidden_size, config.final_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = VocabLinear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.front.token_embeddings().weight
         self.image_vocab = None

@@ -318,3 +318,24 @@ def test_graph_decoder_checks_the_model_before_capturing(tiny):
         GraphDecoder(windowed, 1, max_length=64)
     with pytest.raises(ValueError, match="CUDA"):
         GraphDecoder(hybrid, 2, max_length=64)
+
+
+def test_padded_linear_equals_linear_in_outputs_and_gradients():
+    """The LM head's padded GEMM (used on CUDA for odd vocabularies) against ``F.linear``, in
+    float64: the same outputs and the same input, weight and bias gradients."""
+    from mmdistill.decoder import padded_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(37, dtype=torch.float64, generator=g, requires_grad=True)
+    upstream = torch.randn(3, 5, 37, dtype=torch.float64, generator=g)
+    outs, grads = [], []
+    for fn in (lambda: torch.nn.functional.linear(x, w, b), lambda: padded_linear(x, w, b, 64)):
+        out = fn()
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * upstream).sum(), (x, w, b)))
+    assert outs[1].shape == (3, 5, 37)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for padded, plain in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(padded, plain, rtol=1e-12, atol=1e-12)
