@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import CausalBias
 
+from .kernels import ssd_mamba_ssm as triton_backend
 from .kernels.attention import decode_attention
 from .mixer import TEACHER_FIELDS, Mamba2Mixer, MixerConfig, MixerState, at_least_fp32
 
@@ -115,7 +116,14 @@ class StackConfig:
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 (float64 stays float64) and cast back before the weight
-    (Llama/InternLM2 order)."""
+    (Llama/InternLM2 order).
+
+    A float32 input on CUDA with autograd on (a training student's residual stream) goes
+    through mamba-ssm's fused Triton kernel instead: the same arithmetic in one kernel forward
+    and one backward, where PyTorch launches about 15 (a stage-3 step at HoVLE-2.6B shapes runs
+    65 such norms). Inference and lower precisions keep the PyTorch path, whose rounding before
+    the weight the teachers' reference implementations share.
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -123,6 +131,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.is_cuda
+            and x.dtype == torch.float32
+            and torch.is_grad_enabled()
+            and triton_backend.available()
+        ):
+            return triton_backend.gated_rmsnorm_triton(
+                x, None, self.weight, self.eps, x.shape[-1], False
+            )
         xf = at_least_fp32(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)

@@ -173,17 +173,17 @@ def ssd_step_triton(state, x, dt, A, B, C, *, D=None, dt_bias=None, dt_softplus=
 
 def gated_rmsnorm_triton(
     y: torch.Tensor,
-    z: torch.Tensor,
+    z: torch.Tensor | None,
     weight: torch.Tensor,
     eps: float,
     group_size: int,
     gate_before: bool,
 ) -> torch.Tensor:
-    """mamba-ssm's fused gated RMSNorm (forward and backward in Triton).
+    """mamba-ssm's fused gated RMSNorm (forward and backward in Triton), computed in float32.
 
     Args:
         y: ``[..., h*p]`` values to normalise per group of ``group_size`` channels.
-        z: gate, same shape (any row stride, last dim contiguous).
+        z: gate, same shape (any row stride, last dim contiguous); ``None``: a plain RMSNorm.
         weight: ``[h*p]``; gate_before: ``norm(y * silu(z))`` (else ``norm(y) * silu(z)``).
 
     Returns:
@@ -191,17 +191,19 @@ def gated_rmsnorm_triton(
     """
     norm = _require()["rmsnorm_fn"]
     width = y.shape[-1]
-    y2, z2 = y.reshape(-1, width), z.reshape(-1, width)
+    y2 = y.reshape(-1, width)
+    z2 = z.reshape(-1, width) if z is not None else None
     # The kernel offsets rows by ``row * row_stride`` in 32-bit arithmetic (forward and
     # backward), which wraps past 2**31 elements (a 512K-token sequence whose gate is a view into
     # the packed in-projection): long inputs go through in blocks of rows (views, no copies).
-    step = max(1, INT32_MAX // max(y2.stride(0), z2.stride(0), width) - 1)
+    widest = max(y2.stride(0), z2.stride(0) if z2 is not None else 0, width)
+    step = max(1, INT32_MAX // widest - 1)
     outs = [
         norm(
             y2[start : start + step],
             weight,
             None,
-            z=z2[start : start + step],
+            z=z2[start : start + step] if z2 is not None else None,
             eps=eps,
             group_size=group_size,
             norm_before_gate=not gate_before,
