@@ -22,6 +22,7 @@ Usage::
 
     python benchmarks/stages.py --out bench.json            # on a GPU
     python benchmarks/stages.py --score-layers 8 --out bench.json
+    python benchmarks/stages.py --stages 3 --profile prof   # + prof-stage3.txt: kernels by time
     python benchmarks/stages.py --small --seq 64 --steps 1  # a smoke run on the CPU
 """
 
@@ -70,8 +71,10 @@ def time_stage(
     steps: int,
     warmup: int,
     checkpointing: bool,
+    profile: str | None = None,
 ) -> dict:
-    """Median seconds per optimiser step (one micro-batch) of a stage, and peak memory."""
+    """Median seconds per optimiser step (one micro-batch) of a stage, and peak memory; with
+    ``profile``, one more step under torch.profiler (:func:`write_profile`)."""
     device = teacher.device
     set_trainable(student, roles)
     student.train()
@@ -85,25 +88,30 @@ def time_stage(
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
+
+    def step() -> None:
         ids = torch.randint(0, teacher.config.vocab_size - 8, (batch, seq), generator=g)
         ids = ids.to(device)
         mask = torch.ones_like(ids)
-        sync(device)
-        start = time.perf_counter()
         pairs, logits = runner(ids, mask, None, layers, not loss.layerwise)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             out = objective(ids, mask, None, pairs, logits)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    for i in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        step()
         sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-        del pairs, logits, out
-    times.sort()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    del optimizer, params
+    if profile:
+        write_profile(step, device, profile)
+    times.sort()
+    optimizer.state.clear()  # AdamW's moments: the next stage's memory is its own
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {
@@ -113,6 +121,65 @@ def time_stage(
         "gradient_checkpointing": checkpointing,
         "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
     }
+
+
+def write_profile(step, device: torch.device, path: str) -> None:
+    """Run ``step`` once under torch.profiler; write the operators by device time (self) and
+    the share of the step each kernel family takes to ``path``."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync(device)
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    families: dict[str, float] = {}
+    for event in events:
+        if device.type != "cuda":
+            spent = event.self_cpu_time_total
+        elif event.device_type == torch.autograd.DeviceType.CUDA:
+            spent = event.self_device_time_total
+        else:
+            continue
+        name = kernel_family(event.key)
+        families[name] = families.get(name, 0.0) + spent
+    total = sum(families.values()) or 1.0
+    lines = [
+        f"{share / total:6.1%}  {share / 1e3:9.1f} ms  {name}"
+        for name, share in sorted(families.items(), key=lambda kv: -kv[1])
+    ]
+    with open(path, "w") as f:
+        f.write("kernel families (self time; device time on a GPU)\n" + "\n".join(lines) + "\n\n")
+        f.write(events.table(sort_by=sort, row_limit=60, max_name_column_width=70))
+    print(f"profile written to {path}", file=sys.stderr, flush=True)
+
+
+FAMILIES = (
+    (
+        "gemm",
+        ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm"),
+    ),
+    ("flash attention", ("flash", "fmha", "attention")),
+    (
+        "mamba ssd (triton)",
+        ("chunk_scan", "chunk_state", "state_passing", "bmm_chunk", "chunk_cumsum", "ssd"),
+    ),
+    ("conv / norm (triton)", ("conv", "rmsnorm", "layer_norm", "_layer_norm")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("reductions / softmax", ("reduce", "softmax", "logsumexp")),
+    ("copies / casts", ("copy", "cast", "to_copy", "cat")),
+    ("element-wise", ("elementwise", "vectorized", "unrolled")),
+)
+
+
+def kernel_family(name: str) -> str:
+    """A coarse family for a kernel name (first match in :data:`FAMILIES`, else ``other``)."""
+    lowered = name.lower()
+    for family, needles in FAMILIES:
+        if any(needle in lowered for needle in needles):
+            return family
+    return "other"
 
 
 def time_scoring(teacher: DecoderLM, student: DecoderLM, args, stages: dict) -> dict:
@@ -150,13 +217,13 @@ def time_scoring(teacher: DecoderLM, student: DecoderLM, args, stages: dict) -> 
     }
 
 
-def run_with_fallback(*args) -> dict:
+def run_with_fallback(*args, profile: str | None = None) -> dict:
     """Time a stage; if it runs out of GPU memory, again with gradient checkpointing."""
     try:
-        return time_stage(*args, False)
+        return time_stage(*args, False, profile)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
-        return time_stage(*args, True)
+        return time_stage(*args, True, profile)
 
 
 def main() -> None:
@@ -170,6 +237,8 @@ def main() -> None:
     )
     parser.add_argument("--score-layers", type=int, default=0, help="time auto:K on N batches")
     parser.add_argument("--peak", type=float, default=989e12, help="peak bf16 FLOP/s for the MFU")
+    parser.add_argument("--stages", default="1,2,3", help="which stages to time, e.g. 3")
+    parser.add_argument("--profile", help="also profile one step per stage into PREFIX-stageN.txt")
     parser.add_argument("--small", action="store_true", help="a tiny model (smoke test)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -203,9 +272,21 @@ def main() -> None:
         "stage2": (["ssm", "qkv"], LossSpec(mse_weight=1000)),
         "stage3": (["ssm", "qkv"], LossSpec(kl_weight=1.0)),
     }
+    chosen = {f"stage{n}" for n in args.stages.split(",")}
     for name, (roles, loss) in stages.items():
+        if name not in chosen:
+            continue
+        profile = f"{args.profile}-{name}.txt" if args.profile else None
         stats = run_with_fallback(
-            teacher, student, roles, loss, args.seq, args.batch, args.steps, args.warmup
+            teacher,
+            student,
+            roles,
+            loss,
+            args.seq,
+            args.batch,
+            args.steps,
+            args.warmup,
+            profile=profile,
         )
         if name == "stage3":
             flops = 8 * n_flops * stats["tokens_per_second"]
