@@ -633,3 +633,69 @@ def test_cached_guided_t2i_codes_are_the_recomputed_argmax_on_cuda(layout):
         f"{int(wrong.sum())} of {wrong.numel()} guided codes differ; recomputed margins there: "
         f"{margin[wrong].tolist()[:8]}"
     )
+
+
+def test_chunked_hybrid_prefill_keeps_the_flash_kernel_and_equals_one_pass():
+    """A prefill chunk after the first attends to the cache through SDPA's lower-right causal
+    bias: bf16 with grouped-query heads runs the flash kernel (no math fallback, no dense mask)
+    and gives the one-pass prefill's logits."""
+    from mmdistill.bench import random_model
+    from mmdistill.cached_forward import prefill
+    from mmdistill.model import LMCache
+    from mmdistill.seeding import seed
+
+    hybrid = seed(random_model("tiny", CUDA, torch.bfloat16, seed=0), "every:2")
+    ids = torch.randint(0, 256, (1, 200), device=CUDA)
+    with torch.no_grad():
+        one_pass = prefill(hybrid, LMCache(hybrid, 1, CUDA, hybrid.dtype), ids)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            chunked = prefill(hybrid, LMCache(hybrid, 1, CUDA, hybrid.dtype), ids, chunk_size=64)
+    names = [e.key.lower() for e in prof.key_averages()]
+    assert any("flash" in n for n in names), names
+    assert not any("softmax" in n for n in names), names  # the math path's own softmax
+    assert rel(chunked.float(), one_pass.float()) < TOL[torch.bfloat16]
+
+
+def test_lm_head_pads_an_odd_vocabulary_and_equals_the_plain_gemm():
+    """On CUDA the LM head pads an odd vocabulary to an aligned width inside the GEMM (a view of
+    the padded output comes back); outputs and gradients equal ``F.linear``'s."""
+    from mmdistill.decoder import VocabLinear
+
+    torch.manual_seed(0)
+    head = VocabLinear(256, 1001, bias=False).to(CUDA, torch.bfloat16)
+    x = torch.randn(2, 128, 256, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    out = head(x)
+    assert out.shape == (2, 128, 1001) and not out.is_contiguous()  # the padded path ran
+    plain = torch.nn.functional.linear(x, head.weight)
+    assert rel(out.float(), plain.float()) < 1e-2
+    upstream = torch.randn_like(plain)
+    grads = [torch.autograd.grad((o * upstream).sum(), (x, head.weight)) for o in (out, plain)]
+    for padded, reference in zip(grads[0], grads[1], strict=True):
+        assert rel(padded.float(), reference.float()) < 1e-2
+    assert head(x[:, :1]).is_contiguous()  # decode-sized inputs: the plain GEMV
+
+
+def test_fused_rms_norm_of_a_training_student_equals_the_pytorch_one():
+    """float32 with autograd on CUDA runs mamba-ssm's fused kernel: outputs and the input and
+    weight gradients equal the PyTorch path's (run here with grad off, then differentiated by
+    hand through the same formula)."""
+    from mmdistill.decoder import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(256, 1e-6).to(CUDA)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 70, 256, device=CUDA, requires_grad=True)
+    upstream = torch.randn(3, 70, 256, device=CUDA)
+    fused = norm(x)
+    behind_view = fused.grad_fn.next_functions[0][0]  # the wrapper reshapes the kernel's output
+    assert type(behind_view).__name__ == "LayerNormFnBackward"
+    with torch.no_grad():
+        reference = norm(x)  # the PyTorch path
+    assert rel(fused, reference) < 1e-6
+    fused_grads = torch.autograd.grad((fused * upstream).sum(), (x, norm.weight))
+    xd, wd = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    formula = wd * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
+    grads = torch.autograd.grad((formula * upstream.double()).sum(), (xd, wd))
+    for got, want in zip(fused_grads, grads, strict=True):
+        assert rel(got, want) < 1e-5
