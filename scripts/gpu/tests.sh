@@ -7,6 +7,11 @@
 #        -k "cached or static or graph". Run with MAMBA_DETERMINISTIC=1 (mamba-ssm then launches one
 #        configuration per kernel instead of autotuning over about 200 at first use) and without
 #        TRITON_CACHE_AUTOTUNING (which would bring that autotuning back).
+# The export tests need transformers >= 5.23 (the GPU machines have 5.17): carry it in .whl,
+#   bash ../shared/device/prepare-wheels.sh transformers==5.24.0 huggingface-hub==2.4.0 \
+#     tokenizers==0.23.3
+# (the versions of the CPU environment); otherwise those two tests fail with the ExportError
+# that names the fixed version.
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernels_gpu.py tests/test_export.py "$@" 2>&1 \
