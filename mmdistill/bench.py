@@ -555,7 +555,10 @@ def plot(document: dict, path: str | Path) -> None:
 
 
 def human_count(n: int) -> str:
-    """4096 → ``"4k"``, 105472 → ``"103k"``, 1000 → ``"1000"``."""
+    """4096 → ``"4k"``, 105472 → ``"103k"``, 1048576 → ``"1m"``, 1000 → ``"1000"`` (the forms
+    :func:`parse_count` reads)."""
+    if n >= 2**20 and n % 2**20 == 0:
+        return f"{n // 2**20}m"
     if n >= 1024 and n % 1024 == 0:
         return f"{n // 1024}k"
     return str(n)
@@ -566,6 +569,12 @@ def format_bytes(n: int | None) -> str:
     if n is None:
         return "-"
     return f"{n / 2**30:.2f}"
+
+
+def format_seconds(ms: float | None) -> str:
+    """Milliseconds shown as seconds, three significant digits (whole numbers from 100 s);
+    ``-`` when unknown."""
+    return "-" if ms is None else format_ms(ms / 1e3)
 
 
 def format_ms(ms: float | None) -> str:

@@ -3,6 +3,7 @@ the plot and the command line."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 
@@ -34,6 +35,7 @@ ROW_KEYS = {
 def test_parse_counts():
     assert bench.parse_counts("1k, 4k,103k,1m,1000") == [1024, 4096, 105472, 1048576, 1000]
     assert bench.human_count(105472) == "103k" and bench.human_count(1000) == "1000"
+    assert bench.human_count(1048576) == "1m" and bench.parse_count("1m") == 1048576
     for bad in ("abc", "0", "-1k"):
         with pytest.raises(ValueError, match="count|least"):
             bench.parse_count(bad)
@@ -234,3 +236,26 @@ def test_cli_bench_teacher_alone_and_nothing_to_measure(llama_dir, monkeypatch, 
     assert doc["ratios"] == [] and {r["status"] for r in doc["results"]} == {"ok"}
     code, err = cli(monkeypatch, capfd, *args, "--skip-teacher")
     assert code == 2 and "nothing to measure" in err and "Traceback" not in err
+
+
+def test_table_of_a_long_run_fits_80_columns():
+    """A 1M-token row with a two-minute prefill prints whole in 80 columns (prefill in s)."""
+    from rich.console import Console
+
+    from mmdistill.commands.bench_cmd import results_table
+
+    row = {
+        "model": "seeded:every:4 (static KV, graph)",
+        "length": 1048576,
+        "batch": 1,
+        "status": "ok",
+        "prefill_ms": 121698.4,
+        "decode_ms_per_token": 12.46,
+        "decode_tokens_per_s": 80.3,
+        "peak_memory_bytes": 40_164_000_000,
+    }
+    document = {"device": {"type": "cuda", "name": "NVIDIA H200"}, "ratios": [], "results": [row]}
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(results_table(document))
+    text = console.export_text()
+    assert "…" not in text and "1m" in text and " 122 " in text and "prefill in s" in text

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import bench, bench_reference, bench_t2i
-from ..bench import format_bytes, format_ms, human_count
+from ..bench import format_bytes, format_ms, format_seconds, human_count
 from ..errors import MmdistillError
 from ..model import load_student
 from ..seeding import seed as seed_fn
@@ -296,7 +296,7 @@ def results_table(document: dict) -> Group:
             table.add_row(*_result_cells(row, ratio.get((model, row["length"], row["batch"]))))
         tables.append(table)
     title = (
-        f"mmdistill bench on {document['device']['name']} ({timer}); prefill in ms, decode in "
+        f"mmdistill bench on {document['device']['name']} ({timer}); prefill in s, decode in "
         "ms per token"
     )
     return Group(Text(title, style="bold"), *tables)
@@ -308,7 +308,7 @@ def _result_cells(row: dict, r: dict | None) -> list[str]:
         return [*cells, row["status"].upper(), *[""] * 6]
     tps = row["decode_tokens_per_s"]
     cells += [
-        format_ms(row["prefill_ms"]),
+        format_seconds(row["prefill_ms"]),
         format_ms(row["decode_ms_per_token"]),
         "-" if tps is None else f"{tps:,.0f}",
         format_bytes(row["peak_memory_bytes"]),
