@@ -12,13 +12,19 @@ Cost: one teacher forward and ``1 + L`` student forwards per batch, but the laye
 ``i`` are shared. Restoring layer ``i`` reruns only layers ``i..L-1``, from the residual stream
 the linear student's forward already computed, so the restored passes cost about ``L / 2``
 forwards.
+
+A layer's gain alone ignores how layers interact: two neighbours may each close the same part
+of the gap. :func:`search_layers` (``student.layout_search: greedy``) picks one layer at a time
+instead, each round scoring every remaining layer with the layers already picked restored (the
+same computation, from the hybrid's residual stream) and keeping the one that lowers the KL
+most. It costs ``K`` scoring rounds instead of one.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -58,7 +64,23 @@ class LayerScores:
         """The record of an ``auto:K`` choice that a student's config keeps (``layout``)."""
         chosen = self.choose(budget)
         record = {"spec": spec, "budget": budget, "chosen": chosen, "before_stage": before_stage}
-        return {**record, "scores": self.to_dict(), **extra}
+        return {**record, "search": "top", "scores": self.to_dict(), **extra}
+
+
+@dataclass
+class LayerSearch:
+    """A greedy search's picks: ``order`` (first pick first) and the KL per scored token after
+    each pick (``kl_after``); ``first`` is the first round, the layers scored one at a time."""
+
+    first: LayerScores
+    order: list[int]
+    kl_after: list[float]
+
+    def layout(self, spec: str, budget: int, before_stage: str | None, **extra) -> dict:
+        """The record of an ``auto:K`` choice (as :meth:`LayerScores.layout`)."""
+        record = {"spec": spec, "budget": budget, "chosen": sorted(self.order)}
+        record |= {"before_stage": before_stage, "search": "greedy", "order": self.order}
+        return {**record, "kl_after": self.kl_after, "scores": self.first.to_dict(), **extra}
 
 
 @contextmanager
@@ -86,6 +108,7 @@ def score_layers(
     student: DecoderLM,
     batches: Iterable[Batch],
     progress: Callable[[int], None] | None = None,
+    base: Sequence[int] = (),
 ) -> LayerScores:
     """Score every layer of the linear ``student`` (module docstring).
 
@@ -95,28 +118,65 @@ def score_layers(
         batches: calibration batches (:data:`Batch`); positions where ``scored`` is True are
             the positions whose next-token distributions are compared.
         progress: called with the number of batches done after each batch.
+        base: layers restored from the teacher throughout: ``linear_kl`` is then the KL of
+            that hybrid, and a base layer's ``restored_kl`` equals it (gain 0).
     """
     if "attention" in student.config.layer_types:
         raise ValueError("score_layers needs a linear student (attention_layers none)")
     layers = len(student.layers)
     linear, restored_sums, tokens = 0.0, [0.0] * layers, 0
     student.eval()
-    for done, (ids, pixel_values, scored) in enumerate(batches, 1):
-        ids, scored = ids.to(student.device), scored.to(student.device)
-        pv = pixel_values.to(student.device) if pixel_values is not None else None
-        reference = teacher(ids.to(teacher.device), pixel_values=pv).logits.to(student.device)
-        out = student(ids, pixel_values=pv, output_hidden_states=True)
-        linear += _kl_sum(out.logits, reference, scored)
-        for i in range(layers):
-            with restored(student, teacher, i):
-                rest = student(inputs_embeds=out.hidden_states[i], layer_range=(i, layers))
-            restored_sums[i] += _kl_sum(rest.logits, reference, scored)
-        tokens += int(scored.sum())
-        if progress is not None:
-            progress(done)
+    with ExitStack() as stack:
+        for i in base:
+            stack.enter_context(restored(student, teacher, i))
+        for done, (ids, pixel_values, scored) in enumerate(batches, 1):
+            ids, scored = ids.to(student.device), scored.to(student.device)
+            pv = pixel_values.to(student.device) if pixel_values is not None else None
+            reference = teacher(ids.to(teacher.device), pixel_values=pv).logits.to(student.device)
+            out = student(ids, pixel_values=pv, output_hidden_states=True)
+            kl = _kl_sum(out.logits, reference, scored)
+            linear += kl
+            for i in range(layers):
+                if i in base:
+                    restored_sums[i] += kl
+                    continue
+                with restored(student, teacher, i):
+                    rest = student(inputs_embeds=out.hidden_states[i], layer_range=(i, layers))
+                restored_sums[i] += _kl_sum(rest.logits, reference, scored)
+            tokens += int(scored.sum())
+            if progress is not None:
+                progress(done)
     if tokens == 0:
         raise ValueError("no scored tokens in the calibration batches")
     return LayerScores(linear / tokens, [s / tokens for s in restored_sums], tokens)
+
+
+def search_layers(
+    teacher: DecoderLM,
+    student: DecoderLM,
+    batches: Iterable[Batch],
+    budget: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> LayerSearch:
+    """Pick ``budget`` layers greedily (module docstring): each round restores the layer that
+    lowers the KL of the hybrid built so far the most (ties: the lower index).
+
+    ``progress`` is called with (round, budget) after each round.
+    """
+    batches = list(batches)
+    order: list[int] = []
+    kl_after: list[float] = []
+    first = None
+    for round_ in range(1, budget + 1):
+        scores = score_layers(teacher, student, batches, base=order)
+        if first is None:
+            first = scores
+        best = next(i for i in scores.ranking() if i not in order)
+        order.append(best)
+        kl_after.append(scores.restored_kl[best])
+        if progress is not None:
+            progress(round_, budget)
+    return LayerSearch(first, order, kl_after)
 
 
 def with_attention(

@@ -58,6 +58,9 @@ class StudentSpec(_Strict):
             (:mod:`mmdistill.layer_scores`), restored from the teacher, for the other stages.
         layout_batches: calibration batches (the first stage's batch size, ``data.eval``'s
             sources, else ``data.train``'s) on which ``auto`` scores the layers.
+        layout_search: how ``auto`` picks from the scores: ``top`` (the K layers of largest
+            gain, one scoring round) or ``greedy`` (one layer at a time, each round scored with
+            the layers already picked restored: K rounds).
         mixer: :class:`~mmdistill.mixer.MixerConfig` options (``conv_kernel``, ``gate_order``,
             ``use_D``, ``backend``, ``chunk_size``, ...); sizes come from the teacher.
         seed: RNG seed of the new SSM parameters.
@@ -67,6 +70,7 @@ class StudentSpec(_Strict):
     mixer: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
     layout_batches: int = Field(8, ge=1)
+    layout_search: Literal["top", "greedy"] = "top"
 
     @field_validator("attention_layers", mode="before")
     @classmethod

@@ -69,6 +69,39 @@ def test_each_restored_layer_equals_an_explicit_hybrid(llama_teacher, linear):
     assert linear.config.layer_types == ["mamba"] * 4  # the student is left as it was
 
 
+def explicit_kl(teacher, model, data) -> float:
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for ids, _, scored in data:
+            total += float(token_kl(model(ids).logits[scored], teacher(ids).logits[scored]).sum())
+            tokens += int(scored.sum())
+    return total / tokens
+
+
+def test_greedy_search_picks_what_explicit_hybrids_say(llama_teacher, linear):
+    """Each round's pick is the layer whose restoration, with the earlier picks restored,
+    gives the lowest KL, each KL computed on a hybrid built explicitly (full forwards)."""
+    from mmdistill.layer_scores import search_layers, with_attention
+
+    data = batches(llama_teacher.config.vocab_size)
+    found = search_layers(llama_teacher, linear, data, budget=3)
+    assert found.first.to_dict() == score_layers(llama_teacher, linear, data).to_dict()
+    assert found.order[0] == found.first.ranking()[0]
+    for round_, layer in enumerate(found.order):
+        picked = found.order[:round_]
+        kls = {
+            i: explicit_kl(llama_teacher, with_attention(linear, llama_teacher, picked + [i]), data)
+            for i in range(len(linear.layers))
+            if i not in picked
+        }
+        assert layer == min(kls, key=lambda i: (kls[i], i))
+        assert found.kl_after[round_] == pytest.approx(kls[layer], rel=1e-4)
+    layout = found.layout("auto:3", 3, "stage3")
+    assert layout["chosen"] == sorted(found.order) and layout["search"] == "greedy"
+    assert search_layers(llama_teacher, linear, data, budget=3).order == found.order
+    assert linear.config.layer_types == ["mamba"] * 4  # the student is left as it was
+
+
 def test_choose_takes_the_largest_gains_in_layer_order():
     from mmdistill.layer_scores import LayerScores
 
@@ -154,6 +187,28 @@ def test_a_run_with_auto_scores_after_the_layerwise_stages_and_resumes(tmp_path)
             torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, msg=key)
 
 
+def test_a_run_with_a_greedy_search_keeps_its_picks(tmp_path):
+    from mmdistill.trainer import distill
+
+    report = distill(
+        auto_recipe(tmp_path / "run", tmp_path / "cache", "student.layout_search=greedy")
+    )
+    layout = report["layout"]
+    assert layout["search"] == "greedy" and len(layout["order"]) == 2
+    assert layout["chosen"] == sorted(layout["order"]) and len(layout["kl_after"]) == 2
+    assert layout["order"][0] == layout["scores"]["ranking"][0]
+    student = mmdistill.load_student(report["student_dir"])
+    kept = [i for i, t in enumerate(student.config.layer_types) if t == "attention"]
+    assert kept == layout["chosen"]
+
+
+def test_an_unknown_layout_search_is_refused_before_anything_loads(tmp_path):
+    from mmdistill.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="layout_search"):
+        auto_recipe(tmp_path / "run", tmp_path / "cache", "student.layout_search=best")
+
+
 def test_auto_needs_a_teacher_to_restore_from(tmp_path):
     from mmdistill.errors import RecipeError
     from mmdistill.trainer import check_layout
@@ -186,6 +241,15 @@ def test_cli_layout_ranks_plots_and_refuses_impossible_budgets(
     assert code == 2 and "auto:K needs 1 <= K <= 4" in err
     code, _, err = cli(*base, "--budget", "0%")
     assert code == 2 and "percentage in (0, 100]" in err
+    code, out, err = cli(*base, "--budget", "2", "--search", "greedy", "--json", "--device", "cpu")
+    greedy = json.loads(out)
+    assert code == 0 and greedy["search"] == "greedy" and len(greedy["order"]) == 2
+    assert greedy["chosen"] == sorted(greedy["order"]) and "greedy picks, in order" in err
+    assert greedy["order"][0] == result["scores"]["ranking"][0]
+    code, _, err = cli(*base, "--search", "greedy")
+    assert code == 2 and "needs --budget" in err
+    code, _, err = cli(*base, "--search", "best")
+    assert code == 2 and "top or greedy" in err
 
 
 def test_seed_auto_scores_the_seeded_student_on_data(chat_llama, tmp_path, monkeypatch, capfd):

@@ -33,11 +33,21 @@ def layout_command(
     seq_len: int = typer.Option(512, help="Window length for documents."),
     batch_size: int = typer.Option(4, help="Sequences per forward."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    search: str = typer.Option(
+        "top",
+        "--search",
+        help="top: the K layers of largest gain; greedy: one layer at a time, each round "
+        "scored with the earlier picks restored (K rounds; needs --budget).",
+    ),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG of gain per layer."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Rank the layers by how much of the gap to the teacher each one's attention closes."""
     require_files(data, "--data")
+    if search not in ("top", "greedy"):
+        raise RecipeError(f"--search must be top or greedy; got {search!r}")
+    if search == "greedy" and budget is None:
+        raise RecipeError("--search greedy needs --budget K")
     where = resolve_device(device)
     with err.status("loading the teacher"):
         reference = load_model(teacher, dtype="float32", device=where)
@@ -53,7 +63,15 @@ def layout_command(
         raise RecipeError(f"--student {student} keeps attention layers; give a linear student")
     with err.status(f"scoring {reference.config.num_layers} layers"):
         result = measure_layout(
-            reference, data, tokenizer_for(reference), linear, k, max_tokens, seq_len, batch_size
+            reference,
+            data,
+            tokenizer_for(reference),
+            linear,
+            k,
+            max_tokens,
+            seq_len,
+            batch_size,
+            search,
         )
     err.print(_table(result))
     if plot_path is not None:
@@ -66,10 +84,13 @@ def layout_command(
 def _table(result: dict) -> Table:
     scores = result["scores"]
     chosen = set(result["chosen"] or [])
-    table = Table(
-        title=f"layers by gain ({result['student']}; linear KL {scores['linear_kl']:.4g}, "
+    title = (
+        f"layers by gain alone ({result['student']}; linear KL {scores['linear_kl']:.4g}, "
         f"{result['tokens']:,} tokens)"
     )
+    if "order" in result:
+        title += f"; greedy picks, in order: {', '.join(map(str, result['order']))}"
+    table = Table(title=title)
     for column in ("rank", "layer", "KL restored", "gain", "kept"):
         table.add_column(column, justify="right")
     for rank, layer in enumerate(scores["ranking"], 1):

@@ -11,14 +11,14 @@ training, a cheaper and rougher ranking.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..attention_layers import auto_budget
 from ..errors import DataError
-from ..layer_scores import LayerScores, score_layers, with_attention
+from ..layer_scores import score_layers, search_layers, with_attention
 from ..model import DecoderLM
 from ..seeding import seed
 from .prepare import prepare_file
@@ -35,21 +35,18 @@ def _batches(teacher: DecoderLM, sequences, batch_size: int, pad_id: int):
         yield ids, pixel_values, scored
 
 
-def score_files(
+def file_batches(
     teacher: DecoderLM,
-    linear: DecoderLM,
     files: Sequence[str | Path],
     tokenizer,
     max_tokens: int | None = 8192,
     seq_len: int = 512,
     batch_size: int = 4,
-    progress: Callable[[int], None] | None = None,
-) -> LayerScores:
-    """Every layer of the linear student scored on ``files`` (module docstring).
+) -> list:
+    """Calibration batches (:data:`~mmdistill.layer_scores.Batch`) from ``files``.
 
     Raises:
         DataError: no files, or nothing to score in them.
-        ValueError: ``linear`` keeps attention somewhere.
     """
     if not files:
         raise DataError("no data files to score the layers on")
@@ -59,8 +56,7 @@ def score_files(
     if not sequences:
         raise DataError(f"nothing to score in {', '.join(map(str, files))}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = _batches(teacher, sequences, batch_size, pad)
-    return score_layers(teacher, linear, batches, progress)
+    return list(_batches(teacher, sequences, batch_size, pad))
 
 
 def measure_layout(
@@ -72,16 +68,30 @@ def measure_layout(
     max_tokens: int | None = 8192,
     seq_len: int = 512,
     batch_size: int = 4,
+    search: str = "top",
 ) -> dict:
-    """``{"scores", "chosen", "budget", "student", "tokens", "seconds"}``: :func:`score_files`
-    for ``mmdistill layout``, on ``student`` or else the seeded linear student."""
+    """``{"scores", "chosen", "budget", "search", "student", "tokens", "seconds"}`` for
+    ``mmdistill layout``, on ``student`` or else the seeded linear student. ``search``:
+    ``top`` scores once; ``greedy`` (needs ``budget``) runs
+    :func:`~mmdistill.layer_scores.search_layers` and adds ``order`` and ``kl_after``."""
+    if search not in ("top", "greedy"):
+        raise ValueError(f"search must be top or greedy; got {search!r}")
+    if search == "greedy" and not budget:
+        raise ValueError("a greedy search needs a budget")
     start = time.perf_counter()
     linear = student if student is not None else seed(teacher, attention_layers="none").float()
-    scores = score_files(teacher, linear, files, tokenizer, max_tokens, seq_len, batch_size)
-    return {
-        "scores": scores.to_dict(),
-        "budget": budget,
-        "chosen": scores.choose(budget) if budget else None,
+    batches = file_batches(teacher, files, tokenizer, max_tokens, seq_len, batch_size)
+    found = None
+    if search == "greedy":
+        found = search_layers(teacher, linear, batches, budget)
+        scores = found.first
+    else:
+        scores = score_layers(teacher, linear, batches)
+    chosen = sorted(found.order) if found else (scores.choose(budget) if budget else None)
+    result = {"scores": scores.to_dict(), "budget": budget, "chosen": chosen, "search": search}
+    if found is not None:
+        result |= {"order": found.order, "kl_after": found.kl_after}
+    return result | {
         "student": "given" if student is not None else "seeded linear (untrained)",
         "tokens": scores.tokens,
         "seconds": round(time.perf_counter() - start, 2),
@@ -105,6 +115,6 @@ def seed_by_measurement(
     """
     budget = auto_budget(spec, teacher.config.num_layers)
     linear = seed(teacher, attention_layers="none", mixer=mixer, seed=seed_value)
-    scores = score_files(teacher, linear, files, tokenizer)
+    scores = score_layers(teacher, linear, file_batches(teacher, files, tokenizer))
     layout = scores.layout(spec, budget, None, student="seeded linear (untrained)")
     return with_attention(linear, teacher, layout["chosen"], layout)

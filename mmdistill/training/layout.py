@@ -4,7 +4,9 @@ The student is seeded linear and trained through the layer-wise stages. Before t
 stage that is not layer-wise (or after the last stage, if every stage is), every layer is
 scored on calibration batches (:func:`~mmdistill.layer_scores.score_layers`, under bf16
 autocast when the recipe's precision is bf16). The K layers of
-largest gain are restored from the teacher, and the hybrid trains on. The choice and every
+largest gain (or, with ``student.layout_search: greedy``, the K that
+:func:`~mmdistill.layer_scores.search_layers` picks) are restored from the teacher, and the
+hybrid trains on. The choice and every
 score go into the student's config (``layout``), the log and the run report. Calibration
 batches come from ``data.eval`` (else ``data.train``) in a fixed order, the same in every
 process. A run resumed before the choice makes it again, identically; one resumed after
@@ -19,7 +21,7 @@ import torch
 
 from ..attention_layers import auto_budget, is_auto
 from ..data.loader import make_iterator
-from ..layer_scores import score_layers, with_attention
+from ..layer_scores import score_layers, search_layers, with_attention
 from ..model import DecoderLM
 from .state import Run
 
@@ -66,14 +68,23 @@ def choose_layout(run: Run, teacher: DecoderLM, student: DecoderLM, index: int |
     batches = calibration_batches(run)
     run.log(f"{spec}: scoring {len(student.layers)} layers on {len(batches)} calibration batches")
     bf16 = run.recipe.precision == "bf16"  # the training numerics (autocast over float32)
+    greedy = run.recipe.student.layout_search == "greedy"
     with torch.autocast(run.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
-        scores = score_layers(teacher, student, batches)
+        if greedy:
+            found = search_layers(teacher, student, batches, budget, _round_logger(run, spec))
+        else:
+            found = score_layers(teacher, student, batches)
     before = run.recipe.stages[index].name if index is not None else None
     seconds = round(time.perf_counter() - start, 2)
-    layout = scores.layout(spec, budget, before, seconds=seconds)
+    layout = found.layout(spec, budget, before, seconds=seconds)
     chosen = layout["chosen"]
+    scores = found.first if greedy else found
     run.log(
         f"{spec}: attention kept in layers {chosen} (KL {scores.linear_kl:.4g} linear; "
-        f"gains {', '.join(f'{scores.gains[i]:.3g}' for i in chosen)})"
+        f"gains alone {', '.join(f'{scores.gains[i]:.3g}' for i in chosen)})"
     )
     return with_attention(student, teacher, chosen, layout)
+
+
+def _round_logger(run: Run, spec: str):
+    return lambda done, budget: run.log(f"{spec}: greedy search, round {done} of {budget} done")
