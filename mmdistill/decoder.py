@@ -523,11 +523,12 @@ class VocabLinear(nn.Linear):
     to a multiple of :attr:`ALIGN` inside the matmul when it is not one (e.g. InternLM2's
     92,553), then sliced back.
 
-    cuBLAS runs its Hopper kernels only on 16-byte-aligned leading dimensions; with an odd
-    vocabulary it falls back to sm75 kernels about 8x slower. At HoVLE-2.6B shapes (8192 tokens)
-    the three LM-head GEMMs of a stage-3 step took 87 of its 467 ms of GPU time
-    (``benchmarks/stages.py --profile``). Decode-sized inputs keep the plain call: the padding
-    copies the weight, which would cost a decode step more than the misaligned GEMV does.
+    With an odd vocabulary the logits' leading dimension is not 16-byte aligned, and on an H200
+    cuBLAS ran these GEMMs on sm75 kernels: at HoVLE-2.6B shapes (8192 tokens) the three LM-head
+    GEMMs of a stage-3 step took 87 of its 467 ms of GPU time, about 12 ms once padded
+    (``benchmarks/stages.py --profile``, docs/benchmarks.md). Decode-sized inputs keep the plain
+    call: padding copies the whole weight (379 MB at that shape), more than a decode step's
+    GEMV reads.
     """
 
     ALIGN = 64
