@@ -61,6 +61,9 @@ class StudentSpec(_Strict):
         layout_search: how ``auto`` picks from the scores: ``top`` (the K layers of largest
             gain, one scoring round) or ``greedy`` (one layer at a time, each round scored with
             the layers already picked restored: K rounds).
+        layout_before: the stage before which ``auto`` scores and picks (its name); ``None``:
+            the first stage that is not layer-wise. Naming a later stage lets the linear
+            student train end to end first (a short stage of its own) and be scored after it.
         mixer: :class:`~mmdistill.mixer.MixerConfig` options (``conv_kernel``, ``gate_order``,
             ``use_D``, ``backend``, ``chunk_size``, ...); sizes come from the teacher.
         seed: RNG seed of the new SSM parameters.
@@ -71,6 +74,7 @@ class StudentSpec(_Strict):
     seed: int = 0
     layout_batches: int = Field(8, ge=1)
     layout_search: Literal["top", "greedy"] = "top"
+    layout_before: str | None = None
 
     @field_validator("attention_layers", mode="before")
     @classmethod
@@ -564,6 +568,11 @@ class Recipe(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"stage names must be unique; repeated: {dupes}")
+        before = self.student.layout_before
+        if before is not None and not is_auto(self.student.attention_layers):
+            raise ValueError("student.layout_before applies to auto:K attention layers only")
+        if before is not None and before not in names:
+            raise ValueError(f"student.layout_before: no stage named {before!r}; stages: {names}")
         return self
 
     @property

@@ -202,11 +202,51 @@ def test_a_run_with_a_greedy_search_keeps_its_picks(tmp_path):
     assert kept == layout["chosen"]
 
 
-def test_an_unknown_layout_search_is_refused_before_anything_loads(tmp_path):
+def test_layout_before_a_later_stage_scores_after_the_stages_before_it(tmp_path):
+    """Naming the end-to-end stage's successor: the linear student trains end to end first."""
+    from mmdistill.recipe import StageSpec
+    from mmdistill.trainer import distill
+
+    recipe = auto_recipe(tmp_path / "run", tmp_path / "cache")
+    short = StageSpec(**{**recipe.stages[2].model_dump(), "name": "linear-e2e", "steps": 2})
+    stages = [*recipe.stages[:2], short, recipe.stages[2]]
+    recipe = recipe.model_copy(
+        update={
+            "stages": stages,
+            "student": recipe.student.model_copy(update={"layout_before": "stage3-end-to-end"}),
+        }
+    )
+    report = distill(recipe)
+    assert report["layout"]["before_stage"] == "stage3-end-to-end"
+    student = mmdistill.load_student(report["student_dir"])
+    kept = [i for i, t in enumerate(student.config.layer_types) if t == "attention"]
+    assert kept == report["layout"]["chosen"] and len(kept) == 2
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("student.layout_before=nowhere", "no stage named 'nowhere'"),
+        ("student.layout_search=best", "layout_search"),
+    ],
+)
+def test_bad_layout_options_are_refused_before_anything_loads(tmp_path, override, message):
     from mmdistill.errors import RecipeError
 
-    with pytest.raises(RecipeError, match="layout_search"):
-        auto_recipe(tmp_path / "run", tmp_path / "cache", "student.layout_search=best")
+    with pytest.raises(RecipeError, match=message):
+        auto_recipe(tmp_path / "run", tmp_path / "cache", override)
+
+
+def test_layout_before_needs_an_auto_layout(tmp_path):
+    from mmdistill.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="auto:K attention layers only"):
+        auto_recipe(
+            tmp_path / "run",
+            tmp_path / "cache",
+            "student.attention_layers=every:2",
+            "student.layout_before=stage3-end-to-end",
+        )
 
 
 def test_auto_needs_a_teacher_to_restore_from(tmp_path):

@@ -1,16 +1,15 @@
 """``student.attention_layers: auto:K`` in a run.
 
 The student is seeded linear and trained through the layer-wise stages. Before the first
-stage that is not layer-wise (or after the last stage, if every stage is), every layer is
-scored on calibration batches (:func:`~mmdistill.layer_scores.score_layers`, under bf16
-autocast when the recipe's precision is bf16). The K layers of
-largest gain (or, with ``student.layout_search: greedy``, the K that
+stage that is not layer-wise (or the stage ``student.layout_before`` names; or after the last
+stage, if every stage is layer-wise), every layer is scored on calibration batches
+(:func:`~mmdistill.layer_scores.score_layers`, under bf16 autocast when the recipe's precision
+is bf16). The K layers of largest gain (or, with ``student.layout_search: greedy``, the K that
 :func:`~mmdistill.layer_scores.search_layers` picks) are restored from the teacher, and the
-hybrid trains on. The choice and every
-score go into the student's config (``layout``), the log and the run report. Calibration
-batches come from ``data.eval`` (else ``data.train``) in a fixed order, the same in every
-process. A run resumed before the choice makes it again, identically; one resumed after
-it reads it from the checkpoint.
+hybrid trains on. The choice and every score go into the student's config (``layout``), the
+log and the run report. Calibration batches come from ``data.eval`` (else ``data.train``) in a
+fixed order, the same in every process. A run resumed before the choice makes it again,
+identically; one resumed after it reads it from the checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +37,9 @@ def layout_due(run: Run, student: DecoderLM, index: int | None) -> bool:
     if index is None:
         return True
     stage = run.recipe.stages[index]
+    before = run.recipe.student.layout_before
+    if before is not None:
+        return stage.name == before
     return bool(stage.tasks) or not stage.loss.layerwise
 
 
