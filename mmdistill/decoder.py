@@ -120,8 +120,8 @@ class RMSNorm(nn.Module):
 
     A float32 input on CUDA with autograd on (a training student's residual stream) goes
     through mamba-ssm's fused Triton kernel instead: the same arithmetic in one kernel forward
-    and one backward, where PyTorch launches about 15 (a stage-3 step at HoVLE-2.6B shapes runs
-    65 such norms). Inference and lower precisions keep the PyTorch path, whose rounding before
+    and one backward, where PyTorch launches several each way (a stage-3 step at HoVLE-2.6B
+    shapes runs 65 such norms). Inference and lower precisions keep the PyTorch path, whose rounding before
     the weight the teachers' reference implementations share.
     """
 

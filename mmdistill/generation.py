@@ -61,17 +61,25 @@ def _capacity(needed: int) -> int:
     return max(256, 1 << (needed - 1).bit_length())
 
 
-def _graph_decoder(model: DecoderLM, batch: int, needed: int, compile: bool) -> GraphDecoder:
-    """A graph decoder for ``model`` from the ones kept on it, captured now if none fits.
+def kept_graph_decoder(
+    model: DecoderLM,
+    batch: int,
+    needed: int,
+    compile: bool = False,
+    kind: type[GraphDecoder] = GraphDecoder,
+) -> GraphDecoder:
+    """A graph decoder of class ``kind`` (:class:`GraphDecoder`, or a subclass such as the
+    image step's) for ``model``, from the ones kept on it, captured now if none fits.
 
-    One decoder is kept per task, batch and compilation (at most ``KEPT_DECODERS``, the oldest
-    dropped first). With attention layers it is replaced by a larger one when a request needs
-    more than its KV cache holds, so caches only grow. All are dropped when the model's weights
-    move: a replayed graph reads the storage it was captured on."""
+    One decoder is kept per task, batch, compilation and head (at most ``KEPT_DECODERS``, the
+    oldest dropped first). With attention layers it is replaced by a larger one when a request
+    needs more than its KV cache holds (``needed`` tokens), so caches only grow. All are
+    dropped when the model's weights move: a replayed graph reads the storage it was captured
+    on."""
     kept = model.__dict__.setdefault("_graph_decoders", _KeptDecoders())
     if kept.weights != _weights(model):
         kept.clear()
-    key = (model.task, batch, compile)
+    key = (model.task, batch, compile, kind.head)
     decoder = kept.pop(key, None)
     room = None if decoder is None else decoder.cache.max_length
     if decoder is None or (room is not None and room < needed):
@@ -80,7 +88,7 @@ def _graph_decoder(model: DecoderLM, batch: int, needed: int, compile: bool) -> 
             kept.pop(next(iter(kept)))
         capacity = _capacity(needed) if attention_layers(model) else None
         capture = model.device.type == "cuda"
-        decoder = GraphDecoder(model, batch, compile=compile, max_length=capacity, capture=capture)
+        decoder = kind(model, batch, compile=compile, max_length=capacity, capture=capture)
     kept[key] = decoder  # now the newest
     kept.weights = _weights(model)  # after the capture packed the mixers' projections
     return decoder
@@ -125,7 +133,7 @@ def choose_decoder(
     if resolve_path(model, decode, attention_mask) == "eager":
         return EagerDecoder(model, input_ids.shape[0])
     needed = input_ids.shape[1] + max_new_tokens
-    return _graph_decoder(model, input_ids.shape[0], needed, compile)
+    return kept_graph_decoder(model, input_ids.shape[0], needed, compile)
 
 
 @torch.no_grad()

@@ -24,8 +24,8 @@ from .data.captions import read_caption_file
 from .data.shapes_t2i import score_images
 from .errors import CheckpointError
 from .files import atomic_write_bytes
-from .generation import choose_path
-from .graph_decode import attention_layers, unsupported
+from .generation import choose_path, kept_graph_decoder
+from .graph_decode import unsupported
 from .image_tokenizer import load_image_tokenizer
 from .model import DecoderLM, load_student
 from .t2i_generation import (
@@ -91,16 +91,17 @@ def image_codes(
 ) -> GeneratedCodes:
     """One image's codes per caption: :func:`~mmdistill.t2i_generation.generate_codes`, or the
     step replayed from a CUDA graph (:class:`~mmdistill.t2i_graph.ImageGraphDecoder`; off CUDA
-    the same step run eagerly) where :func:`image_decode_path` says ``graph``."""
+    the same step run eagerly) where :func:`image_decode_path` says ``graph``. The decoder is
+    kept on the model (:func:`~mmdistill.generation.kept_graph_decoder`), so the batches of a
+    caption file reuse one capture."""
     sampling = sampling or Sampling()
     check_t2i_student(model)
     if image_decode_path(model, captions, sampling) == "eager":
         return generate_codes(model, captions, sampling)
+    model.use_task("t2i")  # before the lookup: kept decoders are keyed by task
     ids, mask = batch_prompts(model, captions, guided=False)
-    codes = model.image_vocab.spec.codes_per_image
-    capacity = ids.shape[1] + codes if attention_layers(model) else None
-    capture = model.device.type == "cuda"
-    decoder = ImageGraphDecoder(model, len(captions), max_length=capacity, capture=capture)
+    needed = ids.shape[1] + model.image_vocab.spec.codes_per_image
+    decoder = kept_graph_decoder(model, len(captions), needed, kind=ImageGraphDecoder)
     return decoder.generate(decoder.prefill(ids, mask))
 
 

@@ -89,7 +89,7 @@ def test_decoders_are_kept_per_batch_grow_and_are_dropped_when_weights_move(llam
     model = mmdistill.seed(llama_teacher, attention_layers="every:2")
     generate(model, _prompt(rows=2), max_new_tokens=3, decode="graph")
     kept = model.__dict__["_graph_decoders"]
-    first = kept[(None, 2, False)]
+    first = kept[(None, 2, False, "text")]
     assert first.cache.max_length == 256
     generate(model, _prompt(rows=2, seed=1), max_new_tokens=4, decode="graph")
     assert list(kept.values()) == [first]  # reused
@@ -97,10 +97,10 @@ def test_decoders_are_kept_per_batch_grow_and_are_dropped_when_weights_move(llam
     assert sorted(k[1] for k in kept) == [1, 2]
     long = torch.randint(0, 101, (1, 300), generator=torch.Generator().manual_seed(2))
     generate(model, long, max_new_tokens=3, decode="graph")
-    grown = kept[(None, 1, False)]
+    grown = kept[(None, 1, False, "text")]
     assert grown.cache.max_length == 512 and len(kept) == 2  # replaced, not added
     generate(model, _prompt(rows=1), max_new_tokens=3, decode="graph")
-    assert kept[(None, 1, False)] is grown  # a short request fits the larger cache
+    assert kept[(None, 1, False, "text")] is grown  # a short request fits the larger cache
     assert not copy.deepcopy(model).__dict__["_graph_decoders"]
     model.double()
     out = generate(model, _prompt(rows=1), max_new_tokens=3, decode="graph", eos_token_id=[])

@@ -87,6 +87,10 @@ def test_image_codes_takes_the_graph_path_where_it_can(hovle):
         assert image_decode_path(model, captions, Sampling()) == "eager"  # CPU
         got = image_codes(model, captions, graph)
         assert torch.equal(got.codes, image_codes(model, captions, eager).codes)
+        kept = dict(model.__dict__["_graph_decoders"])
+        assert [k[3] for k in kept] == ["image"]
+        again = image_codes(model, captions, graph)  # the next batch reuses the decoder
+        assert model.__dict__["_graph_decoders"] == kept and torch.equal(again.codes, got.codes)
     assert image_decode_path(hybrid, padded, Sampling(decode="auto")) == "eager"
     for sampling, captions in (
         (Sampling(decode="graph", cfg_scale=2.0), CAPTIONS),
