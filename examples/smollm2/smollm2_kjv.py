@@ -9,7 +9,7 @@ Steps (each writes under ``--work``; finished steps are reused on a second run):
 3. Seed the students ``every:2`` (15 attention + 15 Mamba-2 layers) and ``none`` (30 Mamba-2
    layers), each in a fresh process so its time and peak resident memory are its own.
 4. With ``--distill``: distil each layout with ``mmdistill run`` and ``recipe.yaml`` beside this
-   file on ``kjv/train.txt`` (``distilled-every2/``, ``distilled-none/``; ``--jobs 2`` runs both
+   file (or ``--recipe``) on ``kjv/train.txt`` (``distilled-every2/``, ``distilled-none/``; ``--jobs 2`` runs both
    at once, which suits one GPU; each log goes to ``distilled-*.log``). A finished run is reused;
    an interrupted one is resumed from its last checkpoint. ``--distilled LABEL=DIR`` adds other
    distilled students to the table.
@@ -114,8 +114,9 @@ def distill_layouts(
     overrides: list[str],
     layouts: list[str],
     seeds: list[int],
+    recipe: Path = RECIPE,
 ) -> dict[str, Path]:
-    """Run ``mmdistill run`` on :data:`RECIPE` for each layout and seed (``jobs`` at a time),
+    """Run ``mmdistill run`` on ``recipe`` for each layout and seed (``jobs`` at a time),
     into ``work/distilled-LAYOUT`` (seed 0) or ``work/distilled-LAYOUT-sN`` (seed N: the
     recipe's ``seed`` and ``student.seed`` set to N, the same data and token budget).
 
@@ -135,7 +136,7 @@ def distill_layouts(
     def start(label: str) -> None:
         layout, seed, out = runs[label]
         log = out.with_suffix(".log")
-        cmd = [sys.executable, "-m", "mmdistill.cli", "run", str(RECIPE)]
+        cmd = [sys.executable, "-m", "mmdistill.cli", "run", str(recipe)]
         cmd += [
             f"teacher={teacher_dir}",
             f"student.attention_layers={layout}",
@@ -232,8 +233,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", help="evaluation device: cpu, cuda, ...")
+    parser.add_argument("--distill", action="store_true", help="distil the --layouts with --recipe")
     parser.add_argument(
-        "--distill", action="store_true", help="distil the --layouts with recipe.yaml"
+        "--recipe", type=Path, default=RECIPE, help="the distillation recipe (default: recipe.yaml)"
     )
     parser.add_argument(
         "--layouts",
@@ -308,7 +310,7 @@ def main() -> None:
     if args.distill:
         distill_start = time.perf_counter()
         done = distill_layouts(
-            teacher_dir, kjv["train"], work, args.jobs, args.override, layouts, seeds
+            teacher_dir, kjv["train"], work, args.jobs, args.override, layouts, seeds, args.recipe
         )
         results["distill_s"] = round(time.perf_counter() - distill_start, 1)
         results["distill_jobs"] = args.jobs

@@ -9,9 +9,11 @@
 #        TRITON_CACHE_AUTOTUNING (which would bring that autotuning back).
 # The export tests need transformers >= 5.23 (the GPU machines have 5.17): carry it in .whl,
 #   bash ../shared/device/prepare-wheels.sh transformers==5.24.0 huggingface-hub==2.4.0 \
-#     tokenizers==0.23.3
-# (the versions of the CPU environment); otherwise those two tests fail with the ExportError
-# that names the fixed version.
+#     tokenizers==0.23.3 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 h11 \
+#     anyio==4.16.0 idna hf-xet
+# (the versions of the CPU environment; huggingface-hub 2.4 imports httpx2, which the GPU
+# machines lack); otherwise those two tests fail with the ExportError that names the fixed
+# version.
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernels_gpu.py tests/test_export.py "$@" 2>&1 \
