@@ -251,14 +251,40 @@ def test_palette_agreement_snaps_to_the_nearest_colour():
     assert palette_agreement(original, decoded, palette).tolist() == [15 / 16]
 
 
-def test_the_shipped_shapes_vq_round_trips_the_t2i_world():
-    """builtin:shapes-vq: 64 px -> 8x8 codes, and every centred shape of the t2i world decodes
-    to an image the shapes checker reads back exactly (the ceiling of t2i accuracy)."""
+@pytest.mark.parametrize("name", ["shapes-vq", "shapes-vq-patch"])
+def test_the_shipped_shapes_vqs_round_trip_the_t2i_world(name):
+    """Both shipped shapes VQs: 64 px -> 8x8 codes, and every centred shape of the t2i world
+    decodes to an image the shapes checker reads back exactly (the ceiling of t2i accuracy)."""
     from mmdistill.data.shapes_t2i import all_combinations, read_objects, render
 
-    tokenizer = load_image_tokenizer("builtin:shapes-vq")
+    tokenizer = load_image_tokenizer(f"builtin:{name}")
     combos = all_combinations()
     codes = tokenizer.encode_images([render(a) for a in combos])
     assert codes.shape == (120, 8, 8) and tokenizer.config.codebook_size == 1024
     decoded = tokenizer.decode_images(codes)
     assert [read_objects(image) for image in decoded] == [[a] for a in combos]
+
+
+def test_the_patch_shapes_vq_draws_an_object_with_the_same_codes_in_every_cell():
+    """builtin:shapes-vq-patch is patch-local, so each (colour, shape, size) is the same 4x4 block of
+    codes in all four cells and the background is one code: a held-out combination is a seen
+    block in a seen cell."""
+    from mmdistill.data.shapes_t2i import all_combinations, render
+
+    tokenizer = load_image_tokenizer("builtin:shapes-vq-patch")
+    combos = all_combinations()
+    codes = tokenizer.encode_images([render(a) for a in combos])
+    cells = ["top left", "top right", "bottom left", "bottom right"]
+    blocks: dict[tuple, set] = {}
+    background = set()
+    for attrs, grid in zip(combos, codes, strict=True):
+        row, col = divmod(cells.index(attrs.position), 2)
+        block = grid[row * 4 : row * 4 + 4, col * 4 : col * 4 + 4]
+        blocks.setdefault((attrs.colour, attrs.shape, attrs.size), set()).add(
+            tuple(block.flatten().tolist())
+        )
+        rest = grid.clone()
+        rest[row * 4 : row * 4 + 4, col * 4 : col * 4 + 4] = -1
+        background |= set(rest[rest >= 0].tolist())
+    assert len(blocks) == 30 and all(len(seen) == 1 for seen in blocks.values())
+    assert len(background) == 1

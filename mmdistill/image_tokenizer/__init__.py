@@ -11,8 +11,8 @@ load as they are (:mod:`.loading`).
   ``decode``, ``quantize``, and ``forward`` for training);
 * :mod:`.pixels` -- PIL images <-> tensors in [-1, 1], palette agreement for flat colours;
 * :mod:`.loading` -- :class:`ImageTokenizer` (PIL in and out, ``digest``, ``save``) and
-  :func:`load_image_tokenizer` (``builtin:shapes-vq``, saved directories, LlamaGen checkpoints;
-  strict).
+  :func:`load_image_tokenizer` (``builtin:shapes-vq``, ``builtin:shapes-vq-patch``, saved
+  directories, LlamaGen checkpoints; strict).
 
 Typical use::
 
@@ -25,7 +25,6 @@ Typical use::
 
 from .loading import (
     BUILTIN_IMAGE_TOKENIZERS,
-    SHAPES_VQ_DIR,
     ImageTokenizer,
     check_state_dict,
     load_image_tokenizer,
@@ -43,7 +42,6 @@ from .vq import LLAMAGEN_VQ16, VQConfig, VQModel
 __all__ = [
     "BUILTIN_IMAGE_TOKENIZERS",
     "LLAMAGEN_VQ16",
-    "SHAPES_VQ_DIR",
     "ImageTokenizer",
     "VQConfig",
     "VQModel",

@@ -2,9 +2,11 @@
 
 A source is one of:
 
-* ``builtin:shapes-vq`` -- the small VQ of the shapes world shipped in the package
-  (``mmdistill/assets/shapes_vq``: 64 px images -> 8 x 8 codes; rebuilt by
-  ``python scripts/build_shapes_vq.py --out mmdistill/assets/shapes_vq --threads 2``);
+* ``builtin:shapes-vq`` -- the small VQ of the shapes world shipped in the package, LlamaGen's
+  architecture (``mmdistill/assets/shapes_vq``: 64 px images -> 8 x 8 codes);
+* ``builtin:shapes-vq-patch`` -- the same world's patch-local VQ (``architecture="patch"``: each
+  code is one 8 x 8 patch; ``mmdistill/assets/shapes_vq_patch``), the OmniMamba demo's;
+  both rebuilt by ``scripts/build_shapes_vq.py`` with the arguments in :data:`REBUILD`;
 * a directory written by :meth:`ImageTokenizer.save` (``config.json`` + ``model.safetensors``);
 * a LlamaGen checkpoint file: ``.safetensors``, or ``.pt`` / ``.pth`` / ``.bin`` read with
   ``torch.load(weights_only=True)`` (tensors and plain containers only). LlamaGen's training
@@ -38,9 +40,18 @@ from ..files import WEIGHTS_NAME, atomic_directory, read_safetensors
 from .pixels import images_to_tensor, tensor_to_images
 from .vq import LLAMAGEN_VQ16, VQConfig, VQModel
 
-SHAPES_VQ_DIR = Path(__file__).resolve().parents[1] / "assets" / "shapes_vq"
-"""The shipped shapes-world VQ (``builtin:shapes-vq``)."""
-BUILTIN_IMAGE_TOKENIZERS = {"shapes-vq": SHAPES_VQ_DIR}
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BUILTIN_IMAGE_TOKENIZERS = {
+    "shapes-vq": ASSETS / "shapes_vq",
+    "shapes-vq-patch": ASSETS / "shapes_vq_patch",
+}
+"""The shipped shapes-world VQs by ``builtin:`` name."""
+REBUILD = {
+    "shapes-vq": "--architecture llamagen --device cuda --steps 3500 --batch 64 --scenes 4000 "
+    "--centred-repeats 4 --lr 2e-3",
+    "shapes-vq-patch": "--threads 2",
+}
+"""``scripts/build_shapes_vq.py`` arguments (besides ``--out``) that rebuild each built-in."""
 CONFIG_NAME = "config.json"
 TOLERATED_KEYS = ("quantize.codebook_used",)
 """Keys of LlamaGen checkpoints that are not weights; dropped on load."""
@@ -162,7 +173,7 @@ def _resolve(source: str | Path) -> tuple[Path, str]:
             raise CheckpointError(
                 f"{text} is not in this installation ({path} is missing); reinstall mmdistill "
                 f"from a full checkout, or rebuild it with "
-                f"`python scripts/build_shapes_vq.py --out {path} --threads 2`"
+                f"`python scripts/build_shapes_vq.py --out {path} {REBUILD[key]}`"
             )
         return path, text
     path = Path(text).expanduser()

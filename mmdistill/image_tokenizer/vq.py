@@ -19,6 +19,14 @@ Normalisation is GroupNorm with 32 groups (so every width must be a multiple of 
 activation is SiLU, downsampling is a stride-2 3x3 convolution after padding right and bottom by
 one, upsampling is nearest-neighbour x2 then a 3x3 convolution.
 
+``VQConfig.architecture = "patch"`` swaps the encoder and decoder for patch-local ones
+(:class:`PatchEncoder`, :class:`PatchDecoder`; not LlamaGen's): each code is computed from its
+own ``downsample x downsample`` pixel patch alone and decodes to that patch alone, so an image's
+codes do not depend on the rest of the image (LlamaGen's GroupNorm statistics and attention
+blocks mix the whole image into every code). The quantiser and the 1x1 convolutions around it
+are the same. Their patch side is ``downsample`` (``2 ** (len(ch_mult) - 1)``) and their
+width ``ch * ch_mult[-1]``; ``num_res_blocks`` and ``dropout`` do not apply.
+
 **LlamaGen VQ-16** (:data:`LLAMAGEN_VQ16`) has a 16384 x 8 codebook whose vectors, like the
 encoder's outputs, are L2-normalised before matching (nearest code = highest cosine
 similarity), and downsamples by 16: a 256-pixel image becomes a 16 x 16 grid of 256 codes.
@@ -27,6 +35,7 @@ Images are float tensors in [-1, 1], channels first.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -35,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _GROUPS = 32  # GroupNorm groups, as in LlamaGen
+ARCHITECTURES = ("llamagen", "patch")
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ class VQConfig:
         dropout: dropout inside the res blocks.
         commit_loss_beta: weight of the commitment loss.
         image_size: side of the square images the model is used with, in pixels.
+        architecture: ``"llamagen"`` (LlamaGen's encoder and decoder, loads its checkpoints) or
+            ``"patch"`` (patch-local ones: see the module docstring).
     """
 
     codebook_size: int = 16384
@@ -64,11 +76,16 @@ class VQConfig:
     dropout: float = 0.0
     commit_loss_beta: float = 0.25
     image_size: int = 256
+    architecture: str = "llamagen"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         if not self.ch_mult:
             raise ValueError("ch_mult must name at least one resolution")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture must be one of {ARCHITECTURES}; got {self.architecture!r}"
+            )
         narrow = [self.ch * m for m in self.ch_mult if (self.ch * m) % _GROUPS]
         if narrow:
             raise ValueError(
@@ -270,6 +287,45 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
+def _patch_mlp(widths: list[int]) -> nn.Sequential:
+    """1x1 convolutions between ``widths`` with SiLU between them (a per-position MLP)."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        layers += [nn.SiLU()] if i else []
+        layers.append(nn.Conv2d(a, b, 1))
+    return nn.Sequential(*layers)
+
+
+class PatchEncoder(nn.Module):
+    """Images ``[n, 3, H, W]`` -> features ``[n, z_channels, H / p, W / p]``, each position
+    from its own ``p x p`` patch only (``p = config.downsample``): a stride-``p`` convolution,
+    then a per-position MLP."""
+
+    def __init__(self, config: VQConfig) -> None:
+        super().__init__()
+        width, p = config.ch * config.ch_mult[-1], config.downsample
+        self.patch = nn.Conv2d(3, width, p, stride=p)
+        self.mlp = _patch_mlp([width, width, config.z_channels])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(F.silu(self.patch(x)))
+
+
+class PatchDecoder(nn.Module):
+    """Features ``[n, z_channels, h, w]`` -> images ``[n, 3, h * p, w * p]``, each ``p x p``
+    patch from its own position only: a per-position MLP, then a stride-``p`` transposed
+    convolution."""
+
+    def __init__(self, config: VQConfig) -> None:
+        super().__init__()
+        width, p = config.ch * config.ch_mult[-1], config.downsample
+        self.mlp = _patch_mlp([config.z_channels, width, width])
+        self.patch = nn.ConvTranspose2d(width, 3, p, stride=p)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.patch(F.silu(self.mlp(z)))
+
+
 class VectorQuantizer(nn.Module):
     """The codebook, ``embedding`` (``codebook_size x codebook_embed_dim``); calling it
     quantises (``model.quantize(z)``, as in LlamaGen)."""
@@ -329,8 +385,9 @@ class VQModel(nn.Module):
     def __init__(self, config: VQConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
+        patch = config.architecture == "patch"
+        self.encoder = PatchEncoder(config) if patch else Encoder(config)
+        self.decoder = PatchDecoder(config) if patch else Decoder(config)
         self.quantize = VectorQuantizer(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, 1)
