@@ -11,7 +11,7 @@ from conftest import run_cli
 
 import mmdistill
 from mmdistill.attention_layers import auto_budget, parse_attention_layers
-from mmdistill.layer_scores import score_layers
+from mmdistill.layer_scores import LayerScores, score_layers
 from mmdistill.metrics import token_kl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +67,15 @@ def test_each_restored_layer_equals_an_explicit_hybrid(llama_teacher, linear):
     assert scores.gains == pytest.approx([scores.linear_kl - k for k in scores.restored_kl])
     assert score_layers(llama_teacher, linear, data).to_dict() == scores.to_dict()
     assert linear.config.layer_types == ["mamba"] * 4  # the student is left as it was
+    # Per batch: the batches' KLs, weighted by their scored tokens, give the totals.
+    assert scores.batch_tokens == [44, 44]
+    weights = [n / scores.tokens for n in scores.batch_tokens]
+    by_batch = [
+        sum(w * k for w, k in zip(weights, ks, strict=True)) for ks in scores.restored_by_batch
+    ]
+    assert by_batch == pytest.approx(scores.restored_kl, rel=1e-6)
+    linear_total = sum(w * k for w, k in zip(weights, scores.linear_by_batch, strict=True))
+    assert linear_total == pytest.approx(scores.linear_kl, rel=1e-6)
 
 
 def explicit_kl(teacher, model, data) -> float:
@@ -103,12 +112,45 @@ def test_greedy_search_picks_what_explicit_hybrids_say(llama_teacher, linear):
 
 
 def test_choose_takes_the_largest_gains_in_layer_order():
-    from mmdistill.layer_scores import LayerScores
-
     scores = LayerScores(1.0, [0.9, 0.5, 0.95, 0.5], 10)
     assert scores.ranking() == [1, 3, 0, 2]
     assert scores.choose(2) == [1, 3]
     assert scores.choose(3) == [0, 1, 3]
+
+
+def spread_scores(gains: list[float], noise: list[float]) -> LayerScores:
+    """Scores over two batches whose gains are ``gain ± noise`` (a standard error of
+    ``noise``: the two batches differ by twice it)."""
+    restored = [[1.0 - g - d, 1.0 - g + d] for g, d in zip(gains, noise, strict=True)]
+    totals = [sum(pair) / 2 for pair in restored]
+    return LayerScores(1.0, totals, 20, [10, 10], [1.0, 1.0], restored)
+
+
+def test_clear_gains_are_those_above_two_standard_errors():
+    scores = spread_scores([0.30, 0.05, 0.20, -0.10, 0.01], [0.01, 0.04, 0.05, 0.01, 0.001])
+    assert scores.gain_errors() == pytest.approx([0.01, 0.04, 0.05, 0.01, 0.001])
+    assert scores.clear() == [0, 2, 4]  # 0.05 < 2 x 0.04; a negative gain is never clear
+    one_batch = LayerScores(1.0, [0.7, 1.1, 0.9], 10)
+    assert one_batch.gain_errors() is None and one_batch.clear() == [0, 2]
+
+
+def test_spread_keeps_the_clear_layers_and_spreads_the_rest():
+    gains = [0.0] * 12
+    gains[4], gains[5] = 0.4, 0.3
+    scores = spread_scores(gains, [0.01] * 12)
+    assert scores.clear() == [4, 5]
+    assert scores.choose(2, "spread") == [4, 5] == scores.choose(2)
+    # Then the layer farthest from the layers kept: 11 (6 from 5), 0 (4 from 4), 8 (3 from 5
+    # and from 11).
+    assert scores.choose(3, "spread") == [4, 5, 11]
+    assert scores.choose(5, "spread") == [0, 4, 5, 8, 11]
+    assert scores.choose(1, "spread") == [4]  # more clear layers than the budget: the largest
+    assert scores.choose(5) == [0, 1, 2, 4, 5]  # top: ties of zero gain go to the lower index
+    # Ten layers: 0 and 9 are both 4 from the kept ones; the tie goes to the lower index, or
+    # to the larger gain (one too noisy to be clear).
+    assert spread_scores(gains[:10], [0.1] * 10).choose(3, "spread") == [0, 4, 5]
+    gains[9] = 0.05
+    assert spread_scores(gains[:10], [0.1] * 10).choose(3, "spread") == [4, 5, 9]
 
 
 @pytest.mark.parametrize(
@@ -202,6 +244,30 @@ def test_a_run_with_a_greedy_search_keeps_its_picks(tmp_path):
     assert kept == layout["chosen"]
 
 
+def test_a_run_with_a_spread_search_records_it(tmp_path):
+    from mmdistill.trainer import distill
+
+    report = distill(
+        auto_recipe(tmp_path / "run", tmp_path / "cache", "student.layout_search=spread")
+    )
+    layout = report["layout"]
+    scores = LayerScores(
+        **{
+            k: layout["scores"][k]
+            for k in (
+                "linear_kl",
+                "restored_kl",
+                "tokens",
+                "batch_tokens",
+                "linear_by_batch",
+                "restored_by_batch",
+            )
+        }
+    )
+    assert layout["search"] == "spread" and layout["chosen"] == scores.choose(2, "spread")
+    assert len(scores.batch_tokens) == 2 and layout["scores"]["clear"] == scores.clear()
+
+
 def test_layout_before_a_later_stage_scores_after_the_stages_before_it(tmp_path):
     """Naming the end-to-end stage's successor: the linear student trains end to end first."""
     from mmdistill.recipe import StageSpec
@@ -288,8 +354,12 @@ def test_cli_layout_ranks_plots_and_refuses_impossible_budgets(
     assert greedy["order"][0] == result["scores"]["ranking"][0]
     code, _, err = cli(*base, "--search", "greedy")
     assert code == 2 and "needs --budget" in err
+    code, out, err = cli(*base, "--budget", "3", "--search", "spread", "--json", "--device", "cpu")
+    spread = json.loads(out)
+    assert code == 0 and spread["search"] == "spread" and len(spread["chosen"]) == 3
+    assert set(spread["scores"]["clear"][:3]) <= set(spread["chosen"]) and "clear" in err
     code, _, err = cli(*base, "--search", "best")
-    assert code == 2 and "top or greedy" in err
+    assert code == 2 and "top, greedy, spread" in err
 
 
 def test_seed_auto_scores_the_seeded_student_on_data(chat_llama, tmp_path, monkeypatch, capfd):

@@ -16,6 +16,7 @@ from ..attention_layers import auto_budget
 from ..errors import RecipeError
 from ..evaluation import load_model, tokenizer_for
 from ..evaluation.layout import measure_layout
+from ..layer_scores import SEARCHES
 from .options import DEVICE_HELP, require_files, resolve_device
 from .output import emit_json, err
 
@@ -37,17 +38,18 @@ def layout_command(
         "top",
         "--search",
         help="top: the K layers of largest gain; greedy: one layer at a time, each round "
-        "scored with the earlier picks restored (K rounds; needs --budget).",
+        "scored with the earlier picks restored (K rounds; needs --budget); spread: the "
+        "layers of clear gain, the rest of the K spread out (needs --budget).",
     ),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG of gain per layer."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
 ) -> None:
     """Rank the layers by how much of the gap to the teacher each one's attention closes."""
     require_files(data, "--data")
-    if search not in ("top", "greedy"):
-        raise RecipeError(f"--search must be top or greedy; got {search!r}")
-    if search == "greedy" and budget is None:
-        raise RecipeError("--search greedy needs --budget K")
+    if search not in SEARCHES:
+        raise RecipeError(f"--search must be one of {', '.join(SEARCHES)}; got {search!r}")
+    if search != "top" and budget is None:
+        raise RecipeError(f"--search {search} needs --budget K")
     where = resolve_device(device)
     with err.status("loading the teacher"):
         reference = load_model(teacher, dtype="float32", device=where)
@@ -91,7 +93,8 @@ def _table(result: dict) -> Table:
     if "order" in result:
         title += f"; greedy picks, in order: {', '.join(map(str, result['order']))}"
     table = Table(title=title)
-    for column in ("rank", "layer", "KL restored", "gain", "kept"):
+    errors, clear = scores["gain_errors"], set(scores["clear"])
+    for column in ("rank", "layer", "KL restored", "gain", "± s.e.", "clear", "kept"):
         table.add_column(column, justify="right")
     for rank, layer in enumerate(scores["ranking"], 1):
         table.add_row(
@@ -99,6 +102,8 @@ def _table(result: dict) -> Table:
             str(layer),
             f"{scores['restored_kl'][layer]:.4g}",
             f"{scores['gains'][layer]:.4g}",
+            f"{errors[layer]:.2g}" if errors else "-",
+            "yes" if layer in clear else "",
             "yes" if layer in chosen else "",
         )
     return table
