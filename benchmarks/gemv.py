@@ -12,7 +12,8 @@ cuBLAS reaches 1.9-2.6 TB/s on its 4-67 MB matrices against a 3.0 TB/s copy band
 
 Each variant is captured in a CUDA graph of calls cycling through enough distinct weight copies
 (over 256 MB) that the 50 MB L2 cache cannot serve them, then replayed and timed with CUDA events;
-results are checked against a float64 product. Prints a table (µs per call, TB/s).
+results are checked against a float64 product. Prints a table (µs per call, TB/s), then the
+Triton configuration the autotuner chose per shape.
 Usage: ``python3 benchmarks/gemv.py``
 """
 
@@ -102,6 +103,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, µs per call (TB/s)")
     print("| weight | shape | MB | " + " | ".join(variants) + " |")
     print("|---|---|---:|" + "---:|" * len(variants))
+    chosen = {}
     for name, (n, k) in SHAPES.items():
         nbytes = n * k * 2
         copies = max(2, -(-args.pool_mb * 2**20 // nbytes))
@@ -121,8 +123,11 @@ def main() -> None:
             us = graph_time_us(fn, weights, x)
             cells.append(f"{us:.1f} ({nbytes / us / 1e6:.2f})")
         print(f"| {name} | {n}x{k} | {nbytes / 1e6:.1f} | " + " | ".join(cells) + " |", flush=True)
+        chosen[name] = str(_gemv_kernel.best_config)
         del weights
         torch.cuda.empty_cache()
+    for name, config in chosen.items():
+        print(f"triton, {name}: {config}")
 
 
 if __name__ == "__main__":

@@ -114,15 +114,40 @@ class StackConfig:
         return cls(**data)
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (float64 stays float64) and cast back before the weight
-    (Llama/InternLM2 order).
+FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-    A float32 input on CUDA with autograd on (a training student's residual stream) goes
-    through mamba-ssm's fused Triton kernel instead: the same arithmetic in one kernel forward
-    and one backward, where PyTorch launches several each way (a stage-3 step at HoVLE-2.6B
-    shapes runs 65 such norms). Inference and lower precisions keep the PyTorch path, whose rounding before
-    the weight the teachers' reference implementations share.
+
+def inference_kernels(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether ``x`` takes the Triton kernels of :mod:`mmdistill.kernels.triton_decoder`: a
+    CUDA tensor of a fused dtype, no gradient to track, and not inside ``torch.compile``
+    (Inductor fuses the same work itself)."""
+    if not x.is_cuda or x.dtype not in FUSED_DTYPES or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    return triton_backend.available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32 (float64 stays float64), cast back before the weight (Llama/InternLM2
+    order): the PyTorch definition every fused path is checked against."""
+    xf = at_least_fp32(x)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """:func:`rms_norm` with a weight.
+
+    Two inputs run fused kernels with the same arithmetic instead of PyTorch's several kernels:
+
+    * a float32 input on CUDA with autograd on (a training student's residual stream) runs
+      mamba-ssm's fused Triton kernel, one kernel forward and one backward (a stage-3 step at
+      HoVLE-2.6B shapes runs 65 such norms);
+    * inference on CUDA (:func:`inference_kernels`) runs
+      :func:`~mmdistill.kernels.triton_decoder.add_rms_norm`, which keeps the rounding before
+      the weight that the teachers' reference implementations share, and which
+      :meth:`add_and_norm` also gives the residual add before the norm.
     """
 
     def __init__(self, dim: int, eps: float):
@@ -131,6 +156,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fused(x):
+            from .kernels.triton_decoder import add_rms_norm
+
+            return add_rms_norm(x, None, self.weight, self.eps)[1]
         if (
             x.is_cuda
             and x.dtype == torch.float32
@@ -140,9 +169,25 @@ class RMSNorm(nn.Module):
             return triton_backend.gated_rmsnorm_triton(
                 x, None, self.weight, self.eps, x.shape[-1], False
             )
-        xf = at_least_fp32(x)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(
+        self, x: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, self(x + delta))``, in one kernel where :meth:`forward` fuses."""
+        if self._fused(x, delta) and delta.dtype == x.dtype and delta.shape == x.shape:
+            from .kernels.triton_decoder import add_rms_norm
+
+            return add_rms_norm(x, delta, self.weight, self.eps)
+        total = x + delta
+        return total, self(total)
+
+    def _fused(self, x: torch.Tensor, *more: torch.Tensor) -> bool:
+        if not inference_kernels(x, self.weight, *more):
+            return False
+        from .kernels.triton_decoder import MAX_WIDTH
+
+        return x.shape[-1] <= MAX_WIDTH
 
 
 class Rotary(nn.Module):
@@ -563,7 +608,12 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act is F.silu and inference_kernels(gate, up):
+            from .kernels.triton_decoder import silu_mul
+
+            return self.down_proj(silu_mul(gate, up))
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -603,8 +653,10 @@ class DecoderLayer(nn.Module):
         normed = self.input_norm(x)
         mixed = self.run_mixer(normed, ctx, state)
         sandwich = hasattr(self, "post_mixer_norm")
-        out = x + (self.post_mixer_norm(mixed) if sandwich else mixed)
-        fed = self.mlp(self.post_norm(out))
+        out, post = self.post_norm.add_and_norm(
+            x, self.post_mixer_norm(mixed) if sandwich else mixed
+        )
+        fed = self.mlp(post)
         out = out + (self.post_mlp_norm(fed) if sandwich else fed)
         return (out, (normed, mixed)) if capture else out
 

@@ -699,3 +699,62 @@ def test_fused_rms_norm_of_a_training_student_equals_the_pytorch_one():
     grads = torch.autograd.grad((formula * upstream.double()).sum(), (xd, wd))
     for got, want in zip(fused_grads, grads, strict=True):
         assert rel(got, want) < 1e-5
+
+
+def within_one_ulp(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Elementwise within one unit in the last place of ``want``'s dtype (rounding differences
+    of a float32 intermediate that sits on a rounding boundary)."""
+    ulp = torch.finfo(want.dtype).eps * want.float().abs().clamp(min=torch.finfo(want.dtype).tiny)
+    return bool(((got.float() - want.float()).abs() <= ulp * 1.01).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("width", [2048, 100])
+def test_decoder_inference_kernels_equal_the_pytorch_path(dtype, width):
+    """The residual add is exact, the norm and SiLU·mul are within one ulp of PyTorch's (float32
+    intermediates; almost all elements equal), with a weight of the same or a wider dtype."""
+    import torch.nn.functional as F
+
+    from mmdistill.decoder import rms_norm
+    from mmdistill.kernels.triton_decoder import add_rms_norm, silu_mul
+
+    g = torch.Generator(device=CUDA).manual_seed(width)
+    x = (torch.randn(3, 7, width, generator=g, device=CUDA) * 3).to(dtype)
+    r = torch.randn(3, 7, width, generator=g, device=CUDA).to(dtype)
+    for weight in (
+        torch.randn(width, generator=g, device=CUDA).to(dtype),
+        x.new_ones(width).float(),
+    ):
+        total, normed = add_rms_norm(x, r, weight, 1e-5)
+        assert torch.equal(total, x + r)
+        want = rms_norm(x + r, weight, 1e-5)
+        assert normed.dtype == want.dtype and within_one_ulp(normed, want)
+        assert (normed != want).float().mean() < 0.05
+        alone, normed_alone = add_rms_norm(x, None, weight, 1e-5)
+        assert alone is x and within_one_ulp(normed_alone, rms_norm(x, weight, 1e-5))
+    gate = (torch.randn(5, width, generator=g, device=CUDA) * 4).to(dtype)
+    up = torch.randn(5, width, generator=g, device=CUDA).to(dtype)
+    assert within_one_ulp(silu_mul(gate, up), F.silu(gate) * up)
+
+
+def test_a_decoder_block_takes_the_inference_kernels_only_without_autograd(
+    llama_teacher, monkeypatch
+):
+    """Under ``no_grad`` on CUDA the blocks run the fused kernels and give the PyTorch path's
+    output (autograd on: the PyTorch path, differentiable)."""
+    import copy
+
+    from mmdistill.kernels import triton_decoder
+
+    teacher = copy.deepcopy(llama_teacher).to(CUDA, torch.bfloat16)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 33), device=CUDA)
+    calls = []
+    real = triton_decoder.add_rms_norm
+    monkeypatch.setattr(triton_decoder, "add_rms_norm", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fused = teacher(ids).logits
+    layers = len(teacher.layers)
+    assert len(calls) == 2 * layers + 1  # two norms per block (one with the add) + the final
+    plain = teacher(ids).logits
+    assert len(calls) == 2 * layers + 1 and plain.requires_grad
+    assert rel(fused.float(), plain.float()) < 1e-2
