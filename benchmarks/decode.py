@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     ids = torch.randint(0, student.config.vocab_size, (1, args.prompt), device="cuda")
     for layer in student.layers:
-        layer.mixer.pack_projections()
+        layer.pack_projections()
 
     save(doc, args.json)
     eager_decode(student, ids, doc)

@@ -7,6 +7,8 @@ cuBLAS reaches 1.9-2.6 TB/s on its 4-67 MB matrices against a 3.0 TB/s copy band
 * ``cublas``: ``F.linear`` (what the model runs);
 * ``triton``: a plain Triton GEMV (rows per program, a loop over the input dimension, float32
   accumulation), autotuned per shape;
+* ``ours``: the same kernel as the model runs it (:mod:`mmdistill.kernels.triton_gemv`, block
+  shapes fixed by output width);
 * ``inductor``: ``torch.compile`` of ``(W * x).sum(-1)`` (Inductor's reduction kernel, with
   coordinate-descent tuning).
 
@@ -25,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mmdistill.kernels.triton_gemv import gemv
 from mmdistill.shapes import HOVLE_2_6B
 from mmdistill.timing import mean_ms
 
@@ -98,6 +101,7 @@ def main() -> None:
     variants = {
         "cublas": lambda w, x: torch.nn.functional.linear(x[None], w)[0],
         "triton": triton_gemv,
+        "ours": lambda w, x: gemv(x, w, None),
         "inductor": inductor,
     }
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, µs per call (TB/s)")

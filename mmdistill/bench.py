@@ -264,12 +264,11 @@ def _release(device: torch.device) -> None:
 
 
 def _pack(model: DecoderLM) -> None:
-    """Pack each mixer's input projections into one matrix (inference on CUDA)."""
+    """Pack each layer's input projections into one matrix (inference on CUDA)."""
     if model.device.type != "cuda":
         return
     for layer in model.layers:
-        if hasattr(layer.mixer, "pack_projections"):
-            layer.mixer.pack_projections()
+        layer.pack_projections()
 
 
 @torch.no_grad()

@@ -114,9 +114,9 @@ class GraphDecoder:
             raise ValueError("GraphDecoder needs a model on a CUDA device")
         self.model = model
         self.task = model.task
-        for layer in model.layers:
-            if hasattr(layer.mixer, "pack_projections") and model.device.type == "cuda":
-                layer.mixer.pack_projections()
+        if model.device.type == "cuda":
+            for layer in model.layers:
+                layer.pack_projections()
         self.cache = LMCache(
             model, batch, model.device, model.dtype, max_length if attention else None
         )

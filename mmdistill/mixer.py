@@ -39,6 +39,7 @@ from torch import nn
 from .kernels import BACKENDS, check_backend, resolve_backend, ssd, ssd_step
 from .kernels import fused_reference as fused_kernels
 from .kernels import ssd_mamba_ssm as triton_backend
+from .kernels.inference import DecodeLinear, linear
 
 GATE_ORDERS = ("before_norm", "after_norm")
 # SSD chunk length per concrete backend when the config leaves it open. mamba-ssm's kernels use
@@ -252,7 +253,7 @@ class Mamba2Mixer(nn.Module):
         if c.bc_norm:
             self.b_norm_weight = nn.Parameter(torch.ones(n))
             self.c_norm_weight = nn.Parameter(torch.ones(n))
-        self.out_proj = nn.Linear(h * p, c.hidden_size, bias=c.out_bias)
+        self.out_proj = DecodeLinear(h * p, c.hidden_size, bias=c.out_bias)
         self._packed_weight: torch.Tensor | None = None
         self._packed_bias: torch.Tensor | None = None
         self.reset_new_parameters()
@@ -341,7 +342,7 @@ class Mamba2Mixer(nn.Module):
                         for m in mods
                     ]
                 )
-        return F.linear(u, weight, bias)
+        return linear(u, weight, bias)
 
     def _in_proj(self, u: torch.Tensor) -> torch.Tensor:
         """The packed projection ``[z | x | B | C | dt]``, with B and C normalised per head when

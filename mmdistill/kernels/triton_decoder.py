@@ -68,15 +68,15 @@ def add_rms_norm(
         weight: ``[width]``; the norm's output has the dtype ``weight * x`` would have.
     """
     width = x.shape[-1]
-    x2 = x.reshape(-1, width).contiguous()
+    x2 = _rows(x)
     rows = x2.shape[0]
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     y = torch.empty(rows, width, device=x.device, dtype=out_dtype)
     if residual is None:
         s, r2 = x2, x2
     else:
-        r2 = residual.reshape(-1, width).contiguous()
-        s = torch.empty_like(x2)
+        r2 = _rows(residual)
+        s = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
     if rows:
         block = triton.next_power_of_2(width)
         _add_rms_norm_kernel[(rows,)](
@@ -101,12 +101,18 @@ def _silu_mul_kernel(G, U, Y, N, stride_g, stride_u, stride_y, BLOCK: tl.constex
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for two ``[..., width]`` tensors of one dtype."""
     width = gate.shape[-1]
-    g2 = gate.reshape(-1, width).contiguous()
-    u2 = up.reshape(-1, width).contiguous()
-    y = torch.empty_like(g2)
+    g2, u2 = _rows(gate), _rows(up)
+    y = torch.empty(g2.shape, device=gate.device, dtype=gate.dtype)
     block = 1024
     if g2.shape[0]:
         _silu_mul_kernel[(g2.shape[0], triton.cdiv(width, block))](
             g2, u2, y, width, g2.stride(0), u2.stride(0), y.stride(0), BLOCK=block, num_warps=4
         )
     return y.view(gate.shape)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, width]`` with contiguous rows (a view where the layout allows: the
+    halves of a packed projection's output are)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
