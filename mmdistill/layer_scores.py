@@ -19,12 +19,11 @@ instead, each round scoring every remaining layer with the layers already picked
 same computation, from the hybrid's residual stream) and keeping the one that lowers the KL
 most. It costs ``K`` scoring rounds instead of one.
 
-Past the few layers whose gain stands out, the ranking orders gains that are near zero or
-negative, and ``top`` then packs the rest of a large budget into one block (on SmolLM2-135M at
-K = 15 of 30: layers 1-13, worse than every other layer). ``spread``
-(:meth:`LayerScores.choose_spread`, ``student.layout_search: spread``) keeps only the layers
-whose gain is clear of the calibration batches' noise, largest first, and places the rest of
-the budget as far as possible from the layers already kept. It costs what ``top`` costs.
+Each score keeps its calibration batches' KLs too, so each gain has a standard error
+(:meth:`LayerScores.gain_errors`) and the layers whose gain is clear of that noise are named
+(:meth:`LayerScores.clear`): ``top`` pays where a few layers stand out, and past them orders
+gains that are noise. (Keeping only the clear layers and spreading the rest of the budget
+evenly was tried on SmolLM2-135M and lost to ``top``; docs/distillation.md.)
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ Batch = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
 """``(input ids [b, l], pixel values or None, scored positions [b, l] bool)``."""
 
 
-SEARCHES = ("top", "greedy", "spread")
+SEARCHES = ("top", "greedy")
 """How ``auto:K`` picks from the scores (module docstring)."""
 
 CLEAR_ERRORS = 2.0
@@ -88,45 +87,24 @@ class LayerScores:
         gains = self.gains
         return [i for i in self.ranking() if gains[i] > CLEAR_ERRORS * errors[i]]
 
-    def choose_spread(self, budget: int) -> list[int]:
-        """Up to ``budget`` clear layers (:meth:`clear`), largest gain first; then, one at a
-        time, the layer farthest from every layer kept so far (ties: the larger gain, then the
-        lower index). In layer order."""
-        kept = self.clear()[:budget]
-        gains = self.gains
-        rest = [i for i in range(len(gains)) if i not in kept]
-        while len(kept) < budget:
-            far = max(
-                rest, key=lambda i: (min((abs(i - j) for j in kept), default=0), gains[i], -i)
-            )
-            kept.append(far)
-            rest.remove(far)
-        return sorted(kept)
-
     def ranking(self) -> list[int]:
         """Layers by gain, largest first (ties: lower index first)."""
         gains = self.gains
         return sorted(range(len(gains)), key=lambda i: (-gains[i], i))
 
-    def choose(self, budget: int, search: str = "top") -> list[int]:
-        """The ``budget`` layers of largest gain (``search="spread"``: :meth:`choose_spread`),
-        in layer order."""
-        if search == "spread":
-            return self.choose_spread(budget)
+    def choose(self, budget: int) -> list[int]:
+        """The ``budget`` layers of largest gain, in layer order."""
         return sorted(self.ranking()[:budget])
 
     def to_dict(self) -> dict:
         extra = {"gain_errors": self.gain_errors(), "clear": self.clear()}
         return {**asdict(self), "gains": self.gains, "ranking": self.ranking(), **extra}
 
-    def layout(
-        self, spec: str, budget: int, before_stage: str | None, search: str = "top", **extra
-    ) -> dict:
-        """The record of an ``auto:K`` choice that a student's config keeps (``layout``);
-        ``search``: ``top`` or ``spread``."""
-        chosen = self.choose(budget, search)
+    def layout(self, spec: str, budget: int, before_stage: str | None, **extra) -> dict:
+        """The record of an ``auto:K`` choice that a student's config keeps (``layout``)."""
+        chosen = self.choose(budget)
         record = {"spec": spec, "budget": budget, "chosen": chosen, "before_stage": before_stage}
-        return {**record, "search": search, "scores": self.to_dict(), **extra}
+        return {**record, "search": "top", "scores": self.to_dict(), **extra}
 
 
 @dataclass

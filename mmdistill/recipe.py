@@ -59,10 +59,8 @@ class StudentSpec(_Strict):
         layout_batches: calibration batches (the first stage's batch size, ``data.eval``'s
             sources, else ``data.train``'s) on which ``auto`` scores the layers.
         layout_search: how ``auto`` picks from the scores: ``top`` (the K layers of largest
-            gain, one scoring round), ``greedy`` (one layer at a time, each round scored with
-            the layers already picked restored: K rounds) or ``spread`` (the layers whose gain
-            is clear of the calibration noise, the rest of the K placed as far from them and
-            from each other as possible: one round).
+            gain, one scoring round) or ``greedy`` (one layer at a time, each round scored with
+            the layers already picked restored: K rounds).
         layout_before: the stage before which ``auto`` scores and picks (its name); ``None``:
             the first stage that is not layer-wise. Naming a later stage lets the linear
             student train end to end first (a short stage of its own) and be scored after it.
@@ -75,7 +73,7 @@ class StudentSpec(_Strict):
     mixer: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
     layout_batches: int = Field(8, ge=1)
-    layout_search: Literal["top", "greedy", "spread"] = "top"
+    layout_search: Literal["top", "greedy"] = "top"
     layout_before: str | None = None
 
     @field_validator("attention_layers", mode="before")

@@ -134,25 +134,6 @@ def test_clear_gains_are_those_above_two_standard_errors():
     assert one_batch.gain_errors() is None and one_batch.clear() == [0, 2]
 
 
-def test_spread_keeps_the_clear_layers_and_spreads_the_rest():
-    gains = [0.0] * 12
-    gains[4], gains[5] = 0.4, 0.3
-    scores = spread_scores(gains, [0.01] * 12)
-    assert scores.clear() == [4, 5]
-    assert scores.choose(2, "spread") == [4, 5] == scores.choose(2)
-    # Then the layer farthest from the layers kept: 11 (6 from 5), 0 (4 from 4), 8 (3 from 5
-    # and from 11).
-    assert scores.choose(3, "spread") == [4, 5, 11]
-    assert scores.choose(5, "spread") == [0, 4, 5, 8, 11]
-    assert scores.choose(1, "spread") == [4]  # more clear layers than the budget: the largest
-    assert scores.choose(5) == [0, 1, 2, 4, 5]  # top: ties of zero gain go to the lower index
-    # Ten layers: 0 and 9 are both 4 from the kept ones; the tie goes to the lower index, or
-    # to the larger gain (one too noisy to be clear).
-    assert spread_scores(gains[:10], [0.1] * 10).choose(3, "spread") == [0, 4, 5]
-    gains[9] = 0.05
-    assert spread_scores(gains[:10], [0.1] * 10).choose(3, "spread") == [4, 5, 9]
-
-
 @pytest.mark.parametrize(
     "spec,budget", [("auto:2", 2), ("auto:50%", 2), ("auto:10%", 1), ("AUTO:4", 4)]
 )
@@ -244,28 +225,14 @@ def test_a_run_with_a_greedy_search_keeps_its_picks(tmp_path):
     assert kept == layout["chosen"]
 
 
-def test_a_run_with_a_spread_search_records_it(tmp_path):
+def test_a_run_records_each_gain_with_its_error(tmp_path):
     from mmdistill.trainer import distill
 
-    report = distill(
-        auto_recipe(tmp_path / "run", tmp_path / "cache", "student.layout_search=spread")
-    )
-    layout = report["layout"]
-    scores = LayerScores(
-        **{
-            k: layout["scores"][k]
-            for k in (
-                "linear_kl",
-                "restored_kl",
-                "tokens",
-                "batch_tokens",
-                "linear_by_batch",
-                "restored_by_batch",
-            )
-        }
-    )
-    assert layout["search"] == "spread" and layout["chosen"] == scores.choose(2, "spread")
-    assert len(scores.batch_tokens) == 2 and layout["scores"]["clear"] == scores.clear()
+    report = distill(auto_recipe(tmp_path / "run", tmp_path / "cache"))
+    scores = report["layout"]["scores"]
+    kept = LayerScores(**{k: scores[k] for k in LayerScores.__dataclass_fields__})
+    assert len(kept.batch_tokens) == 2 and scores["gain_errors"] == kept.gain_errors()
+    assert scores["clear"] == kept.clear() and kept.gains == pytest.approx(scores["gains"])
 
 
 def test_layout_before_a_later_stage_scores_after_the_stages_before_it(tmp_path):
@@ -337,12 +304,14 @@ def test_cli_layout_ranks_plots_and_refuses_impossible_budgets(
         return run_cli(monkeypatch, capfd, "layout", *args)
 
     base = ["--teacher", str(directory), "--data", str(text), "--max-tokens", "256"]
+    base += ["--seq-len", "64", "--batch-size", "1"]  # batches enough for standard errors
     plot = tmp_path / "gain.png"
     code, out, err = cli(*base, "--budget", "2", "--plot", str(plot), "--json", "--device", "cpu")
     result = json.loads(out)
     assert code == 0 and len(result["chosen"]) == 2 and plot.stat().st_size > 0
     assert result["chosen"] == sorted(result["scores"]["ranking"][:2])
     assert "layers by gain" in err and result["student"].startswith("seeded")
+    assert "s.e." in err and len(result["scores"]["gain_errors"]) == 4
     code, _, err = cli(*base, "--budget", "9")
     assert code == 2 and "auto:K needs 1 <= K <= 4" in err
     code, _, err = cli(*base, "--budget", "0%")
@@ -354,12 +323,8 @@ def test_cli_layout_ranks_plots_and_refuses_impossible_budgets(
     assert greedy["order"][0] == result["scores"]["ranking"][0]
     code, _, err = cli(*base, "--search", "greedy")
     assert code == 2 and "needs --budget" in err
-    code, out, err = cli(*base, "--budget", "3", "--search", "spread", "--json", "--device", "cpu")
-    spread = json.loads(out)
-    assert code == 0 and spread["search"] == "spread" and len(spread["chosen"]) == 3
-    assert set(spread["scores"]["clear"][:3]) <= set(spread["chosen"]) and "clear" in err
     code, _, err = cli(*base, "--search", "best")
-    assert code == 2 and "top, greedy, spread" in err
+    assert code == 2 and "top, greedy" in err
 
 
 def test_seed_auto_scores_the_seeded_student_on_data(chat_llama, tmp_path, monkeypatch, capfd):

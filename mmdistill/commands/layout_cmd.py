@@ -38,8 +38,7 @@ def layout_command(
         "top",
         "--search",
         help="top: the K layers of largest gain; greedy: one layer at a time, each round "
-        "scored with the earlier picks restored (K rounds; needs --budget); spread: the "
-        "layers of clear gain, the rest of the K spread out (needs --budget).",
+        "scored with the earlier picks restored (K rounds; needs --budget).",
     ),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG of gain per layer."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
@@ -48,7 +47,7 @@ def layout_command(
     require_files(data, "--data")
     if search not in SEARCHES:
         raise RecipeError(f"--search must be one of {', '.join(SEARCHES)}; got {search!r}")
-    if search != "top" and budget is None:
+    if search == "greedy" and budget is None:
         raise RecipeError(f"--search {search} needs --budget K")
     where = resolve_device(device)
     with err.status("loading the teacher"):

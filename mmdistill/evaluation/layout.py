@@ -72,12 +72,12 @@ def measure_layout(
 ) -> dict:
     """``{"scores", "chosen", "budget", "search", "student", "tokens", "seconds"}`` for
     ``mmdistill layout``, on ``student`` or else the seeded linear student. ``search``:
-    ``top`` and ``spread`` (needs ``budget``) score once; ``greedy`` (needs ``budget``) runs
+    ``top`` scores once; ``greedy`` (needs ``budget``) runs
     :func:`~mmdistill.layer_scores.search_layers` and adds ``order`` and ``kl_after``."""
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {', '.join(SEARCHES)}; got {search!r}")
-    if search != "top" and not budget:
-        raise ValueError(f"a {search} search needs a budget")
+    if search == "greedy" and not budget:
+        raise ValueError("a greedy search needs a budget")
     start = time.perf_counter()
     linear = student if student is not None else seed(teacher, attention_layers="none").float()
     batches = file_batches(teacher, files, tokenizer, max_tokens, seq_len, batch_size)
@@ -87,7 +87,7 @@ def measure_layout(
         scores = found.first
     else:
         scores = score_layers(teacher, linear, batches)
-    chosen = sorted(found.order) if found else (scores.choose(budget, search) if budget else None)
+    chosen = sorted(found.order) if found else (scores.choose(budget) if budget else None)
     result = {"scores": scores.to_dict(), "budget": budget, "chosen": chosen, "search": search}
     if found is not None:
         result |= {"order": found.order, "kl_after": found.kl_after}

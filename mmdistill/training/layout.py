@@ -4,10 +4,8 @@ The student is seeded linear and trained through the layer-wise stages. Before t
 stage that is not layer-wise (or the stage ``student.layout_before`` names; or after the last
 stage, if every stage is layer-wise), every layer is scored on calibration batches
 (:func:`~mmdistill.layer_scores.score_layers`, under bf16 autocast when the recipe's precision
-is bf16). The K layers of largest gain (with ``student.layout_search: greedy``, the K that
-:func:`~mmdistill.layer_scores.search_layers` picks; with ``spread``, the layers of clear gain
-and the rest spread out, :meth:`~mmdistill.layer_scores.LayerScores.choose_spread`) are
-restored from the teacher, and the
+is bf16). The K layers of largest gain (or, with ``student.layout_search: greedy``, the K that
+:func:`~mmdistill.layer_scores.search_layers` picks) are restored from the teacher, and the
 hybrid trains on. The choice and every score go into the student's config (``layout``), the
 log and the run report. Calibration batches come from ``data.eval`` (else ``data.train``) in a
 fixed order, the same in every process. A run resumed before the choice makes it again,
@@ -76,13 +74,12 @@ def choose_layout(run: Run, teacher: DecoderLM, student: DecoderLM, index: int |
     with torch.autocast(run.procs.device.type, dtype=torch.bfloat16, enabled=bf16):
         if search == "greedy":
             found = search_layers(teacher, student, batches, budget, _round_logger(run, spec))
-            scores, how = found.first, {}
+            scores = found.first
         else:
             found = scores = score_layers(teacher, student, batches)
-            how = {"search": search}
     before = run.recipe.stages[index].name if index is not None else None
     seconds = round(time.perf_counter() - start, 2)
-    layout = found.layout(spec, budget, before, **how, seconds=seconds)
+    layout = found.layout(spec, budget, before, seconds=seconds)
     chosen = layout["chosen"]
     run.log(
         f"{spec}: attention kept in layers {chosen} (KL {scores.linear_kl:.4g} linear; "
