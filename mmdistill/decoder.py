@@ -623,7 +623,7 @@ class MLP(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None and inference_kernels(x, *self._packed_params()):
+        if self._packed is not None and not self._needs_grad(x):
             gate, up = F.linear(x, *self._packed).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
@@ -633,8 +633,9 @@ class MLP(nn.Module):
             return self.down_proj(silu_mul(gate, up))
         return self.down_proj(self.act(gate) * up)
 
-    def _packed_params(self) -> tuple[torch.Tensor, ...]:
-        return tuple(p for m in (self.gate_proj, self.up_proj) for p in m.parameters())
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        params = (p for m in (self.gate_proj, self.up_proj) for p in m.parameters())
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
 class DecoderLayer(nn.Module):

@@ -63,6 +63,29 @@ def test_packed_projections_same_outputs_and_gradients(bias):
         torch.testing.assert_close(m(u.double()).float(), before, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_mlp_same_outputs_and_gradients(bias):
+    from mmdistill.decoder import MLP, StackConfig
+
+    config = StackConfig(
+        num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, intermediate_size=40,
+        mlp_bias=bias,
+    )  # fmt: skip
+    mlp = MLP(24, config)
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        before = mlp(x)
+        mlp.pack_projections()
+        weight, packed_bias = mlp._packed
+        assert mlp.up_proj.weight.data_ptr() == weight[40:].data_ptr()
+        assert (packed_bias is not None) == bias
+        torch.testing.assert_close(mlp(x), before, rtol=1e-6, atol=1e-6)
+    mlp(x).sum().backward()  # training runs each projection and reaches every parameter
+    assert all(p.grad is not None for p in mlp.parameters())
+    mlp.load_state_dict(mlp.state_dict())  # loading unpacks
+    assert mlp._packed is None
+
+
 def test_state_updated_in_place_without_grad():
     m = make_mixer()
     u = torch.randn(2, 20, 24)
