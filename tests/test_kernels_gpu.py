@@ -701,12 +701,12 @@ def test_fused_rms_norm_of_a_training_student_equals_the_pytorch_one():
         assert rel(got, want) < 1e-5
 
 
-def within_ulps(got: torch.Tensor, want: torch.Tensor) -> bool:
-    """Elementwise within one unit in the last place of ``want``'s 16-bit dtype (a float32
-    intermediate on a rounding boundary), or four of float32 (the kernel's reduction order and
-    ``1 / sqrt`` against PyTorch's ``rsqrt``)."""
-    ulps = 4 if want.dtype == torch.float32 else 1
-    eps, tiny = torch.finfo(want.dtype).eps, torch.finfo(want.dtype).tiny
+def within_ulps(got: torch.Tensor, want: torch.Tensor, rounded: torch.dtype) -> bool:
+    """Elementwise within one unit in the last place of ``rounded``, the dtype the values were
+    last rounded to, when it is 16-bit (a float32 intermediate on a rounding boundary), or four
+    of float32 (the kernel's reduction order and ``1 / sqrt`` against PyTorch's ``rsqrt``)."""
+    ulps = 4 if rounded == torch.float32 else 1
+    eps, tiny = torch.finfo(rounded).eps, torch.finfo(rounded).tiny
     bound = ulps * eps * want.float().abs().clamp(min=tiny) * 1.01
     return bool(((got.float() - want.float()).abs() <= bound).all())
 
@@ -715,7 +715,8 @@ def within_ulps(got: torch.Tensor, want: torch.Tensor) -> bool:
 @pytest.mark.parametrize("width", [2048, 100])
 def test_decoder_inference_kernels_equal_the_pytorch_path(dtype, width):
     """The residual add is exact, the norm and SiLU·mul are within one ulp of PyTorch's (float32
-    intermediates; almost all elements equal), with a weight of the same or a wider dtype."""
+    intermediates; in 16-bit dtypes almost all elements equal), with a weight of the same or a
+    wider dtype."""
     import torch.nn.functional as F
 
     from mmdistill.decoder import rms_norm
@@ -731,13 +732,14 @@ def test_decoder_inference_kernels_equal_the_pytorch_path(dtype, width):
         total, normed = add_rms_norm(x, r, weight, 1e-5)
         assert torch.equal(total, x + r)
         want = rms_norm(x + r, weight, 1e-5)
-        assert normed.dtype == want.dtype and within_ulps(normed, want)
-        assert (normed != want).float().mean() < 0.05
+        assert normed.dtype == want.dtype and within_ulps(normed, want, dtype)
+        if dtype != torch.float32:  # in float32 a row's rstd may differ in its last bit
+            assert (normed != want).float().mean() < 0.05
         alone, normed_alone = add_rms_norm(x, None, weight, 1e-5)
-        assert alone is x and within_ulps(normed_alone, rms_norm(x, weight, 1e-5))
+        assert alone is x and within_ulps(normed_alone, rms_norm(x, weight, 1e-5), dtype)
     gate = (torch.randn(5, width, generator=g, device=CUDA) * 4).to(dtype)
     up = torch.randn(5, width, generator=g, device=CUDA).to(dtype)
-    assert within_ulps(silu_mul(gate, up), F.silu(gate) * up)
+    assert within_ulps(silu_mul(gate, up), F.silu(gate) * up, dtype)
 
 
 def test_a_decoder_block_takes_the_inference_kernels_only_without_autograd(
