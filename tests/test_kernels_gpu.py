@@ -701,11 +701,15 @@ def test_fused_rms_norm_of_a_training_student_equals_the_pytorch_one():
         assert rel(got, want) < 1e-5
 
 
-def within_ulps(got: torch.Tensor, want: torch.Tensor, rounded: torch.dtype) -> bool:
-    """Elementwise within one unit in the last place of ``rounded``, the dtype the values were
-    last rounded to, when it is 16-bit (a float32 intermediate on a rounding boundary), or four
-    of float32 (the kernel's reduction order and ``1 / sqrt`` against PyTorch's ``rsqrt``)."""
-    ulps = 4 if rounded == torch.float32 else 1
+def within_ulps(
+    got: torch.Tensor, want: torch.Tensor, rounded: torch.dtype, ulps: int | None = None
+) -> bool:
+    """Elementwise within ``ulps`` units in the last place of ``rounded``, the dtype the values
+    were last rounded to. By default one when it is 16-bit (a float32 intermediate on a rounding
+    boundary), four of float32 (the kernel's reduction order and ``1 / sqrt`` against
+    PyTorch's ``rsqrt``)."""
+    if ulps is None:
+        ulps = 4 if rounded == torch.float32 else 1
     eps, tiny = torch.finfo(rounded).eps, torch.finfo(rounded).tiny
     bound = ulps * eps * want.float().abs().clamp(min=tiny) * 1.01
     return bool(((got.float() - want.float()).abs() <= bound).all())
@@ -739,7 +743,10 @@ def test_decoder_inference_kernels_equal_the_pytorch_path(dtype, width):
         assert alone is x and within_ulps(normed_alone, rms_norm(x, weight, 1e-5), dtype)
     gate = (torch.randn(5, width, generator=g, device=CUDA) * 4).to(dtype)
     up = torch.randn(5, width, generator=g, device=CUDA).to(dtype)
-    assert within_ulps(silu_mul(gate, up), F.silu(gate) * up, dtype)
+    # SiLU·mul rounds twice (the activation, then the product), and Triton's exp is the
+    # approximate ex2 where PyTorch calls expf: two ulps in 16 bits, eight in float32.
+    ulps = 8 if dtype == torch.float32 else 2
+    assert within_ulps(silu_mul(gate, up), F.silu(gate) * up, dtype, ulps)
 
 
 def test_a_decoder_block_takes_the_inference_kernels_only_without_autograd(
