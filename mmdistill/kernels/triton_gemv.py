@@ -16,7 +16,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _gemv_kernel(
+def gemv_kernel(
     W, X, BIAS, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -58,7 +58,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> to
         x1 = x1.contiguous()
     y = torch.empty(n, device=x.device, dtype=x.dtype)
     config = block_config(n)
-    _gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
+    gemv_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
         weight, x1, bias if bias is not None else y, y, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, **config,
     )  # fmt: skip
