@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU parity tests (tests/test_kernels_gpu.py, pytest -m gpu): Triton SSD, decode, conv, norm and
-# attention kernels and the fused mixer against their references, cached generation against
+# attention kernels, the decoder block's inference kernels (add + RMSNorm, SiLU·mul, batch-1
+# GEMV, packed MLP) and the fused mixer against their references, cached generation against
 # recomputation, static vs growing KV caches, CUDA-graph decode vs eager, CUDA-graph t2i codes vs
 # generate_codes, bf16 exports under stock transformers (tests/test_export.py). Log: $OUT/gpu_tests.log.
 # Usage: bash scripts/gpu/tests.sh [pytest args...]   e.g. -n 6 (pytest-xdist workers),
