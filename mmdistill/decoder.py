@@ -20,7 +20,7 @@ from torch.nn.attention.bias import CausalBias
 
 from .kernels import ssd_mamba_ssm as triton_backend
 from .kernels.attention import decode_attention
-from .kernels.inference import DecodeLinear, inference_kernels
+from .kernels.inference import DecodeLinear, inference_kernels, tracks_grad
 from .mixer import TEACHER_FIELDS, Mamba2Mixer, MixerConfig, MixerState, at_least_fp32
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -623,7 +623,8 @@ class MLP(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None and not self._needs_grad(x):
+        projections = (*self.gate_proj.parameters(), *self.up_proj.parameters())
+        if self._packed is not None and not tracks_grad(x, *projections):
             gate, up = F.linear(x, *self._packed).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
@@ -632,10 +633,6 @@ class MLP(nn.Module):
 
             return self.down_proj(silu_mul(gate, up))
         return self.down_proj(self.act(gate) * up)
-
-    def _needs_grad(self, x: torch.Tensor) -> bool:
-        params = (p for m in (self.gate_proj, self.up_proj) for p in m.parameters())
-        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
 
 
 class DecoderLayer(nn.Module):

@@ -19,14 +19,17 @@ FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def tracks_grad(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether autograd records a computation on ``x`` and ``params``."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+
+
 def inference_kernels(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """Whether ``x`` (and ``params``, which must not need gradients either) takes the decoder
     block's inference kernels (module docstring)."""
     if not x.is_cuda or x.dtype not in FUSED_DTYPES or torch.compiler.is_compiling():
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return False
-    return triton_backend.available()
+    return not tracks_grad(x, *params) and triton_backend.available()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
