@@ -623,8 +623,9 @@ class MLP(nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        projections = (*self.gate_proj.parameters(), *self.up_proj.parameters())
-        if self._packed is not None and not tracks_grad(x, *projections):
+        if self._packed is not None and not tracks_grad(
+            x, *self.gate_proj.parameters(), *self.up_proj.parameters()
+        ):
             gate, up = F.linear(x, *self._packed).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

@@ -15,8 +15,8 @@ Two decode paths give the same tokens (``decode``):
   for later calls in the process; a request longer than its KV cache replaces it with a larger
   one. ``compile=True`` compiles the step with ``torch.compile`` before capturing it, for a
   one-time cost; with the decoder's inference kernels the uncompiled step is now as fast or
-  faster (docs/evaluation.md). Off CUDA, ``graph`` runs the same
-  step without capturing it (what the CPU tests check).
+  faster (docs/evaluation.md). Off CUDA, ``graph`` runs the same step without capturing it
+  (what the CPU tests check).
 * ``eager``, the reference and what CPU uses: one forward per token through the model's
   growing cache (:class:`~mmdistill.cached_forward.EagerDecoder`).
 
