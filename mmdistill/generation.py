@@ -27,7 +27,9 @@ soft-capping, and left-padded prompts through attention layers decode eagerly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import gc
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,6 +57,23 @@ class _KeptDecoders(dict):
 
     def __deepcopy__(self, memo) -> _KeptDecoders:
         return _KeptDecoders()
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the duration (as it was before, after).
+
+    The decode loop makes no reference cycles, so nothing waits for the collector there. A full
+    collection in a process holding a model, torch and transformers walks some 430,000 objects:
+    200-230 ms on the H200 machine's host (docs/benchmarks.md), a hundred decode steps during
+    which the GPU would sit idle. A collection that comes due runs after the loop instead."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _capacity(needed: int) -> int:
@@ -190,18 +209,19 @@ def generate(
     logits = decoder.prefill(input_ids, attention_mask, prefill_chunk_size, pixel_values)
     tokens, finished = [], []
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-    for step in range(max_new_tokens):
-        nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
-        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-        tokens.append(nxt[:, None])
-        if streamer is not None:
-            streamer(nxt)
-        if eos.numel():
-            done = done | torch.isin(nxt, eos)
-            finished.append(done.all())
-        if step == max_new_tokens - 1 or (step % STOP_CHECK == 0 and finished and finished[-1]):
-            break
-        logits = decoder.step(nxt)
+    with collector_paused():
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            tokens.append(nxt[:, None])
+            if eos.numel():  # before the streamer: the first use of these kernels is set-up
+                done = done | torch.isin(nxt, eos)
+                finished.append(done.all())
+            if streamer is not None:
+                streamer(nxt)
+            if step == max_new_tokens - 1 or (step % STOP_CHECK == 0 and finished and finished[-1]):
+                break
+            logits = decoder.step(nxt)
     new = torch.cat(tokens, dim=1)
     if finished:  # end at the step where the last row stopped, as a check at every step would
         stopped = torch.stack(finished).nonzero()

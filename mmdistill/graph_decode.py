@@ -133,7 +133,8 @@ class GraphDecoder:
         self.tokens.zero_()
 
     def _capture(self, warmup: int) -> None:
-        """Run ``warmup`` steps on a side stream, then capture one into :attr:`graph`."""
+        """Run ``warmup`` steps on a side stream, capture one into :attr:`graph`, replay it once
+        (the caller resets the state these steps advanced)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
@@ -143,6 +144,7 @@ class GraphDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(self.graph):
             self.logits = self._step()
+        self.graph.replay()  # the first replay uploads the graph: part of set-up, not decode
 
     def _model_step(self, tokens: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=tokens[:, None], cache=self.cache, logits_slice=slice(-1, None))

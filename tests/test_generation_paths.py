@@ -6,6 +6,7 @@ the weights move). Greedy tokens of both paths against recomputation: generation
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -57,7 +58,11 @@ def test_graph_path_samples_with_a_seed_stops_and_streams(students, layout):
         g = torch.Generator().manual_seed(seed)
         return generate(model, prompt, generator=g, eos_token_id=[], decode=path, **kw, **more)
 
-    one = sample("graph", 5, streamer=streamed.append)
+    collector = []  # off while the loop runs (no cycles there), as it was before afterwards
+    one = sample(
+        "graph", 5, streamer=lambda t: (streamed.append(t), collector.append(gc.isenabled()))
+    )
+    assert collector == [False] * 9 and gc.isenabled()
     assert torch.equal(one, sample("graph", 5))
     assert not torch.equal(one, sample("graph", 6))
     assert torch.equal(torch.stack(streamed, 1), one[:, prompt.shape[1] :])

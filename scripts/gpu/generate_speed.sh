@@ -10,15 +10,17 @@
 #   bench.json                   `mmdistill bench` of the student at 4k and 103k (64 steps)
 # mamba-ssm runs with MAMBA_DETERMINISTIC=1 in every process (one launch config per kernel, no
 # first-use autotuning), so generate and bench run the same kernels.
+# With --setup it only writes the teacher, prompts and student (into WORKDIR) and exits.
 # With --overhead, after writing the student it runs benchmarks/generate_overhead.py instead
 # (the captured step's replays against generate() greedy, greedy with a stop, sampled; 4k and
 # 103k prompts) into $OUT/generate-overhead.txt.
-# Usage: bash scripts/gpu/generate_speed.sh [--overhead] [WORKDIR]   (writes into $OUT)
+# Usage: bash scripts/gpu/generate_speed.sh [--setup|--overhead] [WORKDIR]   (writes into $OUT)
 set -u
 source scripts/gpu/env.sh
 export MAMBA_DETERMINISTIC=1
-overhead=0
+overhead=0 setup=0
 if [ "${1:-}" = --overhead ]; then overhead=1; shift; fi
+if [ "${1:-}" = --setup ]; then setup=1; shift; fi
 work=${1:-/tmp/generate-speed}
 mkdir -p "$work"
 if [ ! -f "$work/teacher/config.json" ]; then
@@ -46,6 +48,7 @@ PY
 fi
 [ -f "$work/linear/config.json" ] || python3 -m mmdistill.cli seed -t "$work/teacher" -o "$work/linear" -a none \
   --dtype bfloat16 --no-verify
+[ $setup = 1 ] && exit 0
 if [ $overhead = 1 ]; then
   for prompt in 4096 105472; do
     python3 benchmarks/generate_overhead.py "$work/linear" --prompt $prompt --tokens 128
