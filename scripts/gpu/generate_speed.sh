@@ -4,6 +4,8 @@
 # width 2048, 16/8 heads, MLP 8192; its small trained tokenizer, so a smaller vocabulary than
 # HoVLE's) is written with its tokenizer, a linear student seeded from it by `mmdistill seed`
 # (bfloat16), then:
+#   gen-4k-first.json            the 4k request below as the machine's first process (Triton
+#                                compiles the kernels into its cache during its set-up)
 #   gen-4k.json, gen-103k.json   greedy, 128 new tokens, the default (captured) path
 #   gen-4k-eager.json            the same prompt on the eager reference path (--eager)
 #   gen-4k-sample-{1,2}.json     a seeded sample (--temperature 0.8 --seed 1), twice
@@ -63,6 +65,7 @@ d = json.load(open(sys.argv[1]))
 print(sys.argv[2], {k: d[k] for k in ("prompt_tokens", "new_tokens", "seconds",
       "first_token_seconds", "decode_tokens_per_s", "decode")})' "$OUT/$name.json" "$name"
 }
+gen gen-4k-first --prompt-file "$work/prompt-4k.txt" -n 128
 gen gen-4k --prompt-file "$work/prompt-4k.txt" -n 128
 gen gen-4k-eager --prompt-file "$work/prompt-4k.txt" -n 128 --eager
 gen gen-103k --prompt-file "$work/prompt-103k.txt" -n 128
