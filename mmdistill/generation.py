@@ -65,7 +65,7 @@ def collector_paused() -> Iterator[None]:
 
     The decode loop makes no reference cycles, so nothing waits for the collector there. A full
     collection in a process holding a model, torch and transformers walks some 430,000 objects:
-    200-230 ms on the H200 machine's host (docs/benchmarks.md), a hundred decode steps during
+    200-260 ms on the H200 machine's host (docs/benchmarks.md), a hundred decode steps during
     which the GPU would sit idle. A collection that comes due runs after the loop instead."""
     enabled = gc.isenabled()
     gc.disable()
