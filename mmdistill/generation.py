@@ -190,7 +190,7 @@ def generate(
 
     Returns:
         ``[b, l + n]`` prompt plus generated tokens (``n <= max_new_tokens``; finished rows
-        are filled with ``pad_token_id``).
+        are filled with ``pad_token_id``), a view of a ``[b, l + max_new_tokens]`` buffer.
     """
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
@@ -204,26 +204,45 @@ def generate(
         pad_token_id = model.config.pad_token_id
     if pad_token_id is None:
         pad_token_id = int(eos[0]) if eos.numel() else 0
-    b = input_ids.shape[0]
+    b, prompt_len = input_ids.shape
     decoder = choose_decoder(model, decode, input_ids, attention_mask, max_new_tokens, compile)
     logits = decoder.prefill(input_ids, attention_mask, prefill_chunk_size, pixel_values)
-    tokens, finished = [], []
+    out, stopped = _result_buffers(input_ids, max_new_tokens, pad_token_id)
+    pad = out[:, -1].clone()  # the padding of finished rows
     done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     with collector_paused():
         for step in range(max_new_tokens):
             nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            tokens.append(nxt[:, None])
+            nxt = torch.where(done, pad, nxt)
+            out[:, prompt_len + step] = nxt
             if eos.numel():  # before the streamer: the first use of these kernels is set-up
-                done = done | torch.isin(nxt, eos)
-                finished.append(done.all())
+                torch.logical_or(done, torch.isin(nxt, eos), out=done)
+                stopped[step] = done.all()
             if streamer is not None:
                 streamer(nxt)
-            if step == max_new_tokens - 1 or (step % STOP_CHECK == 0 and finished and finished[-1]):
+            if step == max_new_tokens - 1 or (
+                step % STOP_CHECK == 0 and eos.numel() and stopped[step].item()
+            ):
                 break
             logits = decoder.step(nxt)
-    new = torch.cat(tokens, dim=1)
-    if finished:  # end at the step where the last row stopped, as a check at every step would
-        stopped = torch.stack(finished).nonzero()
-        new = new[:, : int(stopped[0, 0]) + 1] if stopped.numel() else new
-    return torch.cat([input_ids, new], dim=1)
+    return out[:, : prompt_len + _generated(stopped, step + 1)]
+
+
+def _result_buffers(
+    input_ids: torch.Tensor, max_new_tokens: int, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The result ``[b, l + max_new_tokens]`` (the prompt, then padding for the new tokens) and
+    one flag per step, set when every row has stopped by then. The loop writes into both, and
+    the end of a request reads a slice of each: no kernel runs for the first time after the
+    first token (in a process's first request, a kernel's first use costs milliseconds)."""
+    b, prompt_len = input_ids.shape
+    out = input_ids.new_full((b, prompt_len + max_new_tokens), pad_token_id)
+    out[:, :prompt_len] = input_ids
+    return out, torch.zeros(max_new_tokens, dtype=torch.bool, device=input_ids.device)
+
+
+def _generated(stopped: torch.Tensor, steps: int) -> int:
+    """How many new tokens to keep after ``steps`` steps: up to the step where the last row
+    stopped, as a check at every step would."""
+    flags = stopped[:steps].tolist()
+    return flags.index(True) + 1 if True in flags else steps

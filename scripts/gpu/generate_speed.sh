@@ -7,6 +7,8 @@
 #   gen-4k-first.json            the 4k request below as the machine's first process (Triton
 #                                compiles the kernels into its cache during its set-up)
 #   gen-4k.json, gen-103k.json   greedy, 128 new tokens, the default (captured) path
+#   gen-4k-cold.json             gen-4k again after emptying the page cache (where this user
+#                                may: /proc/sys/vm/drop_caches), as a fresh machine's would be
 #   gen-4k-eager.json            the same prompt on the eager reference path (--eager)
 #   gen-4k-sample-{1,2}.json     a seeded sample (--temperature 0.8 --seed 1), twice
 #   bench.json                   `mmdistill bench` of the student at 4k and 103k (64 steps)
@@ -67,6 +69,9 @@ print(sys.argv[2], {k: d[k] for k in ("prompt_tokens", "new_tokens", "seconds",
 }
 gen gen-4k-first --prompt-file "$work/prompt-4k.txt" -n 128
 gen gen-4k --prompt-file "$work/prompt-4k.txt" -n 128
+if sync && echo 3 2>/dev/null > /proc/sys/vm/drop_caches; then
+  gen gen-4k-cold --prompt-file "$work/prompt-4k.txt" -n 128
+fi
 gen gen-4k-eager --prompt-file "$work/prompt-4k.txt" -n 128 --eager
 gen gen-103k --prompt-file "$work/prompt-103k.txt" -n 128
 gen gen-4k-sample-1 --prompt-file "$work/prompt-4k.txt" -n 64 --temperature 0.8 --seed 1
